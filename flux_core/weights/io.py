@@ -1,0 +1,115 @@
+"""Reading checkpoints: single safetensors files, diffusers component folders (sharded or not), pipeline folders.
+
+Everything comes back as a plain `{key: torch.Tensor}` dict on the CPU plus the parsed config.json (if any) and the
+safetensors metadata, with the `model.diffusion_model.`-style prefixes stripped by the caller's key map.
+ComfyUI "fp8 scaled" files (`*.weight` in float8 + `*.scale_weight`) are dequantized here so every model sees
+ordinary floating-point weights; the MLX path reads the same dicts, so no dtype is ever refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import WeightError
+
+# Keys ComfyUI's fp8-scaled and other quantized exports add next to the weights.
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_DROP_SUFFIXES = (".scale_input", ".input_scale", "scaled_fp8", ".comfy_quant")
+
+
+@dataclass
+class Checkpoint:
+    sd: dict
+    config: dict | None = None
+    metadata: dict = field(default_factory=dict)
+    source: str = ""
+
+    def keys(self):
+        return self.sd.keys()
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict, dict]:
+    """One .safetensors file -> ({key: tensor}, metadata). Any dtype torch knows (incl. F8_E5M2, F64) is accepted."""
+    from safetensors import safe_open
+
+    path = str(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise WeightError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # safetensors raises its own types for truncated / non-safetensors files
+        raise WeightError(f"cannot read {path} as safetensors ({e}). Is the download complete? "
+                          "Only .safetensors files are supported.") from None
+    return sd, meta
+
+
+def dequantize_scaled(sd: dict, compute_dtype=None) -> dict:
+    """Turn ComfyUI fp8-scaled weights into plain tensors: w = w_fp8.float() * scale."""
+    import torch
+
+    scales = {k[: -len(s)]: k for k in sd for s in _SCALE_SUFFIXES if k.endswith(s)}
+    if not scales and not any(k.endswith(_DROP_SUFFIXES) for k in sd):
+        return sd
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(_DROP_SUFFIXES) or k in scales.values():
+            continue
+        base = k[: -len(".weight")] if k.endswith(".weight") else None
+        if base is not None and base in scales:
+            scale = sd[scales[base]].float()
+            v = v.float() * (scale if scale.numel() == 1 else scale.reshape(-1, *([1] * (v.dim() - 1))))
+            v = v.to(compute_dtype or torch.bfloat16)
+        out[k] = v
+    return out
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    return files
+
+
+def load_checkpoint(path: str | os.PathLike, component: str | None = None) -> Checkpoint:
+    """Load a .safetensors file, a component folder, or (with `component`) that subfolder of a pipeline folder."""
+    p = Path(path).expanduser()
+    if p.is_dir() and component and (p / component).is_dir():
+        p = p / component
+    if p.is_dir():
+        files = _folder_files(p)
+        if not files:
+            raise WeightError(f"no .safetensors files in {p}"
+                              + (f" (looked for the '{component}' subfolder too)" if component else ""))
+        sd, meta = {}, {}
+        for f in files:
+            part, m = read_safetensors(f)
+            sd.update(part)
+            meta.update(m)
+        config = None
+        if (p / "config.json").is_file():
+            with open(p / "config.json") as f:
+                config = json.load(f)
+        return Checkpoint(dequantize_scaled(sd), config, meta, str(p))
+    if not p.exists():
+        raise WeightError(f"checkpoint not found: {p}")
+    sd, meta = read_safetensors(p)
+    config = None
+    if meta.get("config"):
+        try:
+            config = json.loads(meta["config"])
+        except ValueError:
+            config = None
+    return Checkpoint(dequantize_scaled(sd), config, meta, str(p))
+
+
+def save_safetensors(sd: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
