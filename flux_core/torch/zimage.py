@@ -1,0 +1,442 @@
+"""Z-Image (Turbo / Base) diffusion transformer, torch.
+
+Matches diffusers 0.42.1 `ZImageTransformer2DModel` (basic, non-Omni mode) to float32 rounding; module names are the
+ORIGINAL checkpoint keys (Tongyi / ComfyUI single file), so those files load one to one and diffusers folders go
+through `flux_core.weights.zimage.DIFFUSERS`. REFERENCE.md §0.5, §0.6, §0.9, §0.10, §2.2, §2.3.
+
+Architecture (Z-Image-Turbo, 6.155 B params):
+  dim 3840 = 30 heads x 128, 30 main layers, 2 noise_refiner (modulated, image only), 2 context_refiner (unmodulated,
+  caption only). Latent 16 ch, 2x2 patches -> 64-vector in (ph, pw, c) order (c fastest) -> x_embedder (64->3840).
+  Caption: Qwen3-4B hidden_states[-2] (2560) -> RMSNorm -> Linear (2560->3840). t_embedder: 256-sinusoid of
+  t*1000 -> 1024 -> 256 ("adaln", = min(dim, 256)). FFN hidden int(3840/3*8) = 10240, SwiGLU w2(silu(w1 x) * w3 x).
+  RoPE on 3 axes (t, h, w) = (32, 48, 48) dims, theta 256, interleaved pairs.
+
+Pitfalls (each cost someone an afternoon; see docs/notes/zimage.md):
+  * t is 1 - sigma (not sigma) and the output is ~ x0 - noise: the sampler negates it. Don't "fix" either here.
+  * Block modulation is Linear(adaln) with NO SiLU, gates are tanh(.), scales 1 + s, and there are FOUR RMSNorms
+    per block (sandwich: norm before and after attention / FFN). The final layer is SiLU -> Linear and gives a
+    scale only, applied after a non-affine LayerNorm with eps 1e-6 (the RMSNorms use 1e-5).
+  * Caption and image are each padded to a multiple of 32 with learned pad tokens that are NOT masked: they attend and
+    are attended to. Caption positions are (1+j, 0, 0) for all Lp = ceil32(L) slots (pads included); image patches
+    (Lp+1, h, w); image pads (0, 0, 0). So the image RoPE depends on the caption length.
+  * Attention masks exist only for batch padding (items whose padded caption lengths differ).
+  * The sequence order [image | caption] is diffusers'; ComfyUI uses [caption | image]. Same math (positions live
+    only in RoPE), different float rounding.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError, WeightError
+
+SEQ_MULTIPLE = 32  # caption and image token counts are padded to this (learned pad tokens)
+FREQ_DIM = 256  # sinusoidal timestep embedding width
+REAL_AXES = (32, 48, 48)  # Z-Image-Turbo RoPE split of head_dim 128; other head dims keep this proportion
+
+
+@dataclass
+class ZImageConfig:
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    in_channels: int = 16
+    patch_size: int = 2
+    cap_feat_dim: int = 2560
+    ffn_hidden: int = 10240  # int(dim / 3 * 8)
+    adaln_dim: int = 256  # min(dim, 256)
+    t_hidden: int = 1024  # t_embedder MLP width, fixed in the reference
+    norm_eps: float = 1e-5  # sandwich + caption RMSNorms
+    qk_norm_eps: float = 1e-5  # per-head q/k RMSNorm (hard-coded in diffusers, independent of norm_eps)
+    final_eps: float = 1e-6  # final non-affine LayerNorm
+    rope_theta: float = 256.0
+    t_scale: float = 1000.0
+    axes_dims: tuple = REAL_AXES
+    axes_lens: tuple = (1536, 512, 512)  # the published config; diffusers' default [1024,512,512] is not it
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.in_channels
+
+    def __post_init__(self):
+        self.axes_dims, self.axes_lens = tuple(self.axes_dims), tuple(self.axes_lens)
+        if self.dim % self.n_heads or sum(self.axes_dims) != self.head_dim or any(d % 2 for d in self.axes_dims):
+            raise ConfigError(f"inconsistent Z-Image config: dim {self.dim}, {self.n_heads} heads, "
+                              f"RoPE axes {self.axes_dims} (must be even and sum to the head dim)")
+
+    @classmethod
+    def from_diffusers(cls, cfg: Mapping) -> "ZImageConfig":
+        """A diffusers `transformer/config.json` (ZImageTransformer2DModel)."""
+        if cfg.get("siglip_feat_dim") is not None:
+            raise ConfigError("Z-Image Omni (siglip_feat_dim set) is not supported, only text-to-image Z-Image.")
+        if not cfg.get("qk_norm", True):
+            raise ConfigError("Z-Image config with qk_norm=false is not supported (no published model uses it).")
+        patches = list(cfg.get("all_patch_size", [2]))
+        if len(patches) != 1 or list(cfg.get("all_f_patch_size", [1])) != [1]:
+            raise ConfigError(f"only one 2-D patch size is supported, got {patches} / {cfg.get('all_f_patch_size')}")
+        dim = int(cfg.get("dim", 3840))
+        return cls(dim=dim, n_layers=int(cfg.get("n_layers", 30)), n_refiner_layers=int(cfg.get("n_refiner_layers", 2)),
+                   n_heads=int(cfg.get("n_heads", 30)), in_channels=int(cfg.get("in_channels", 16)),
+                   patch_size=int(patches[0]), cap_feat_dim=int(cfg.get("cap_feat_dim", 2560)),
+                   ffn_hidden=int(dim / 3 * 8), adaln_dim=min(dim, 256), norm_eps=float(cfg.get("norm_eps", 1e-5)),
+                   rope_theta=float(cfg.get("rope_theta", 256.0)), t_scale=float(cfg.get("t_scale", 1000.0)),
+                   axes_dims=tuple(cfg.get("axes_dims", REAL_AXES)),
+                   axes_lens=tuple(cfg.get("axes_lens", (1536, 512, 512))))
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping, config_json: Mapping | None = None) -> "ZImageConfig":
+        """From a diffusers config.json when given (and it is one), else from the shapes of a native state dict."""
+        if config_json and "dim" in config_json and "n_layers" in config_json:
+            return cls.from_diffusers(config_json)
+        need = ("x_embedder.weight", "layers.0.attention.q_norm.weight", "layers.0.feed_forward.w1.weight",
+                "cap_embedder.1.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.weight")
+        missing = [k for k in need if k not in sd]
+        if missing:
+            raise WeightError(f"Z-Image transformer: cannot infer the config, missing keys {missing}")
+        dim, patch_dim = sd["x_embedder.weight"].shape
+        head_dim = sd["layers.0.attention.q_norm.weight"].shape[0]
+        refiners = _count_blocks(sd, "noise_refiner")
+        if _count_blocks(sd, "context_refiner") != refiners:
+            raise WeightError("Z-Image transformer: noise_refiner and context_refiner have different layer counts "
+                              f"({refiners} vs {_count_blocks(sd, 'context_refiner')})")
+        patch = 2  # every published Z-Image model; not recoverable from shapes (p*p*C is)
+        return cls(dim=dim, n_layers=_count_blocks(sd, "layers"), n_refiner_layers=refiners, n_heads=dim // head_dim,
+                   in_channels=patch_dim // (patch * patch), patch_size=patch,
+                   cap_feat_dim=sd["cap_embedder.1.weight"].shape[1],
+                   ffn_hidden=sd["layers.0.feed_forward.w1.weight"].shape[0],
+                   adaln_dim=sd["t_embedder.mlp.2.weight"].shape[0], t_hidden=sd["t_embedder.mlp.0.weight"].shape[0],
+                   axes_dims=axes_dims_for(head_dim))
+
+
+# --------------------------------------------------------------------------------------------------------- blocks
+
+
+class RMSNorm(nn.Module):
+    """Statistics in float32, result cast to the weight dtype before the weight multiply (diffusers RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.to(self.weight.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.qk_norm_eps)
+
+    def forward(self, x, rope, mask):  # x [B, S, D]; rope (cos, sin) [B, S, 1, d/2]; mask [B, 1, 1, S] bool | None
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)  # each [B, S, H, d]
+        q = apply_rope(self.q_norm(q), rope)
+        k = apply_rope(self.k_norm(k), rope)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class ZImageBlock(nn.Module):
+    """One layer of `layers`, `noise_refiner` (modulated) or `context_refiner` (modulated=False: no adaLN at all)."""
+
+    def __init__(self, cfg: ZImageConfig, modulated: bool = True):
+        super().__init__()
+        self.modulated = modulated
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden)
+        self.attention_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
+        if modulated:  # index .0: the original is a one-element Sequential; no SiLU before it (REFERENCE §0.5)
+            self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.adaln_dim, 4 * cfg.dim))
+
+    def forward(self, x, rope, mask, adaln=None):  # x [B, S, D], adaln [B, A]
+        if not self.modulated:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln).unsqueeze(1).chunk(4, dim=2)
+        h = self.attention(self.attention_norm1(x) * (1 + scale_msa), rope, mask)
+        x = x + gate_msa.tanh() * self.attention_norm2(h)
+        h = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp))
+        return x + gate_mlp.tanh() * self.ffn_norm2(h)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, cfg.t_hidden), nn.SiLU(), nn.Linear(cfg.t_hidden, cfg.adaln_dim))
+
+    def forward(self, t):  # t [B] already scaled by t_scale
+        return self.mlp(timestep_embedding(t, FREQ_DIM).to(self.mlp[0].weight.dtype))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: ZImageConfig):
+        super().__init__()
+        self.eps = cfg.final_eps
+        self.linear = nn.Linear(cfg.dim, cfg.patch_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.adaln_dim, cfg.dim))  # scale only
+
+    def forward(self, x, adaln):
+        scale = 1 + self.adaLN_modulation(adaln).unsqueeze(1)
+        return self.linear(F.layer_norm(x, x.shape[-1:], eps=self.eps) * scale)
+
+
+# --------------------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ZImageRope:
+    """Everything in a forward that depends only on (caption lengths, latent size): RoPE tables and masks.
+
+    Built once per generation by `ZImageTransformer.make_rope` and passed to every step as `rope_cache`.
+    Tables are float32 whatever the model dtype (the rotation runs in float32, like diffusers)."""
+
+    cap_lens: tuple
+    height: int
+    width: int
+    img: tuple  # (cos, sin) [B, Np, 1, d/2]
+    cap: tuple  # [B, Lmax, 1, d/2]
+    joint: tuple  # [B, Np + Lmax, 1, d/2]: image tokens first, then the caption, then batch padding
+    cap_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] bool, None when every padded caption has the same length
+    joint_mask: torch.Tensor | None = None
+    cap_padded: tuple = field(default=())  # Lp_i = ceil32(L_i)
+
+    def check(self, cap_lens: Sequence[int], height: int, width: int) -> None:
+        if tuple(cap_lens) != self.cap_lens or (height, width) != (self.height, self.width):
+            raise ConfigError(f"rope_cache was built for captions {self.cap_lens} at {self.height}x{self.width} "
+                              f"latent, but the inputs are {tuple(cap_lens)} at {height}x{width}")
+
+
+class ZImageTransformer(nn.Module):
+    def __init__(self, config: ZImageConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.x_embedder = nn.Linear(cfg.patch_dim, cfg.dim)
+        self.cap_embedder = nn.Sequential(RMSNorm(cfg.cap_feat_dim, cfg.norm_eps), nn.Linear(cfg.cap_feat_dim, cfg.dim))
+        self.t_embedder = TimestepEmbedder(cfg)
+        self.x_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, cfg.dim))
+        self.noise_refiner = nn.ModuleList(ZImageBlock(cfg) for _ in range(cfg.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(ZImageBlock(cfg, modulated=False) for _ in range(cfg.n_refiner_layers))
+        self.layers = nn.ModuleList(ZImageBlock(cfg) for _ in range(cfg.n_layers))
+        self.final_layer = FinalLayer(cfg)
+
+    def forward(self, x, t, cap_feats, rope_cache: ZImageRope | None = None):
+        """x [B, C, H, W] latent; t [B] or scalar = 1 - sigma; cap_feats a list of [L_i, cap_dim] or [B, L, cap_dim].
+
+        Returns the raw prediction [B, C, H, W] (~ x0 - noise; the sampler negates it) in x's dtype."""
+        cfg = self.config
+        B, C, H, W = x.shape
+        caps = _caption_list(cap_feats, B, cfg.cap_feat_dim)
+        cap_lens = [c.shape[0] for c in caps]
+        rope = self.make_rope(cap_lens, H, W, device=x.device) if rope_cache is None else rope_cache
+        rope.check(cap_lens, H, W)
+        dtype = self.x_embedder.weight.dtype
+        # 1. timestep -> adaln [B, A]
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
+        adaln = self.t_embedder(t * cfg.t_scale).to(dtype)
+        # 2. image tokens, padded to Np with x_pad_token: [B, Np, D]
+        img = self.x_embedder(patchify(x.to(dtype), cfg.patch_size))
+        n_img, n_pad = img.shape[1], rope.img[0].shape[1]
+        img = torch.cat([img, self.x_pad_token.to(dtype).expand(B, n_pad - n_img, -1)], 1)
+        for block in self.noise_refiner:
+            img = block(img, rope.img, None, adaln)
+        # 3. caption tokens, each padded to Lp_i with cap_pad_token, then batch-padded: [B, Lmax, D]
+        cap = self._embed_captions(caps, rope, dtype)
+        for block in self.context_refiner:
+            cap = block(cap, rope.cap, rope.cap_mask)
+        # 4. joint sequence [image | caption | batch padding]; the mask hides only the batch padding
+        joint = torch.cat([img, cap], 1)
+        for block in self.layers:
+            joint = block(joint, rope.joint, rope.joint_mask, adaln)
+        # 5. final layer on the real image tokens only (it is per token), back to the latent grid
+        out = self.final_layer(joint[:, :n_img], adaln)
+        return unpatchify(out, H, W, cfg.patch_size).to(x.dtype)
+
+    def _embed_captions(self, caps, rope: ZImageRope, dtype):
+        lens = [c.shape[0] for c in caps]
+        emb = self.cap_embedder(torch.cat(caps).to(dtype)).split(lens)  # one matmul for the whole batch
+        out = emb[0].new_zeros(len(caps), rope.cap[0].shape[1], self.config.dim)
+        for i, (e, lp) in enumerate(zip(emb, rope.cap_padded)):
+            out[i, : e.shape[0]] = e
+            out[i, e.shape[0]: lp] = self.cap_pad_token.to(dtype)
+        return out
+
+    def make_rope(self, cap_lens: Sequence[int], height: int, width: int, device=None) -> ZImageRope:
+        """Precompute RoPE tables and masks for captions of `cap_lens` tokens and a `height` x `width` latent."""
+        cfg = self.config
+        p = cfg.patch_size
+        if height % p or width % p:
+            raise ConfigError(f"latent {height}x{width} is not divisible by the patch size {p} "
+                              f"(image sides must be multiples of {8 * p} pixels)")
+        if not cap_lens or min(cap_lens) < 1:
+            raise ConfigError(f"every caption needs at least one token, got lengths {list(cap_lens)}")
+        cap_lp = [_ceil(n) for n in cap_lens]
+        l_max = max(cap_lp)
+        img_t, cap_t, joint_t = [], [], []
+        for lp in cap_lp:
+            cap_ids, img_ids = position_ids(lp, height // p, width // p)
+            self._check_ids(torch.cat([cap_ids, img_ids]))
+            ang_cap = rope_angles(cap_ids, cfg.axes_dims, cfg.rope_theta)
+            ang_img = rope_angles(img_ids, cfg.axes_dims, cfg.rope_theta)
+            ang_cap = F.pad(ang_cap, (0, 0, 0, l_max - lp))  # batch padding rows: angle 0 (masked anyway)
+            img_t.append(ang_img), cap_t.append(ang_cap), joint_t.append(torch.cat([ang_img, ang_cap]))
+
+        def table(angles):
+            a = torch.stack(angles).unsqueeze(2).to(device)  # [B, S, 1, d/2]
+            return a.cos(), a.sin()
+
+        cap_mask = joint_mask = None
+        if len(set(cap_lp)) > 1:
+            valid = torch.arange(l_max)[None, :] < torch.tensor(cap_lp)[:, None]  # [B, Lmax]
+            cap_mask = valid[:, None, None, :].to(device)
+            n_img = img_t[0].shape[0]
+            joint_mask = F.pad(valid, (n_img, 0), value=True)[:, None, None, :].to(device)
+        return ZImageRope(tuple(int(n) for n in cap_lens), height, width, table(img_t), table(cap_t), table(joint_t),
+                          cap_mask, joint_mask, tuple(cap_lp))
+
+    def _check_ids(self, ids):
+        top = ids.max(0).values.tolist()
+        if any(m >= n for m, n in zip(top, self.config.axes_lens)):
+            raise ConfigError(f"caption or image too large for Z-Image: RoPE positions {top} exceed the trained "
+                              f"range {list(self.config.axes_lens)} (t = padded caption length + 1, "
+                              "h/w = patch rows/cols)")
+
+
+def load_zimage(path_or_checkpoint, dtype=torch.float32, device="cpu") -> ZImageTransformer:
+    """Load a Z-Image transformer from a single file (original / ComfyUI layout, any prefix), a diffusers folder, a
+    pipeline folder (its `transformer/`), or an already-read `flux_core.weights.io.Checkpoint`."""
+    from ..weights import zimage as zkeys
+    from ..weights.io import Checkpoint, load_checkpoint
+    from ..weights.keymap import load_into_torch
+
+    ckpt = path_or_checkpoint
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = load_checkpoint(ckpt, component="transformer")
+    sd = zkeys.to_native(ckpt.sd)
+    config = ZImageConfig.from_state_dict(sd, ckpt.config)
+    with torch.device("meta"):
+        model = ZImageTransformer(config)
+    load_into_torch(model, sd, f"Z-Image transformer ({ckpt.source or 'state dict'})", dtype=dtype, device=device)
+    return model.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+
+
+def axes_dims_for(head_dim: int) -> tuple:
+    """RoPE split of a head dim in the real 32:48:48 proportion, every part even: 128 -> (32,48,48), 32 -> (8,12,12)."""
+    hw = 2 * round(head_dim * REAL_AXES[1] / sum(REAL_AXES) / 2)
+    t = head_dim - 2 * hw
+    if t <= 0 or t % 2:
+        raise ConfigError(f"cannot split head dim {head_dim} into even RoPE axes in the 32:48:48 proportion")
+    return (t, hw, hw)
+
+
+def position_ids(cap_padded: int, h_tokens: int, w_tokens: int):
+    """(caption ids [Lp, 3], image ids [Np, 3]) int64. Caption slot j -> (1+j, 0, 0) for all Lp slots (pads too);
+    image patch (h, w) -> (Lp+1, h, w), row-major; image pad tokens -> (0, 0, 0). REFERENCE §2.3."""
+    cap = torch.zeros(cap_padded, 3, dtype=torch.long)
+    cap[:, 0] = torch.arange(1, cap_padded + 1)
+    n = h_tokens * w_tokens
+    img = torch.zeros(_ceil(n), 3, dtype=torch.long)
+    hh, ww = torch.meshgrid(torch.arange(h_tokens), torch.arange(w_tokens), indexing="ij")
+    img[:n, 0] = cap_padded + 1
+    img[:n, 1] = hh.flatten()
+    img[:n, 2] = ww.flatten()
+    return cap, img
+
+
+def rope_angles(ids, axes_dims: Sequence[int], theta: float):
+    """Angles [S, d/2] float32: per axis, position * theta^(-2j/d_axis), in float64 then rounded (as diffusers)."""
+    out = []
+    for axis, d in enumerate(axes_dims):
+        inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        out.append((ids[:, axis].to(torch.float64)[:, None] * inv[None, :]).float())
+    return torch.cat(out, -1)
+
+
+def apply_rope(x, rope):
+    """Rotate interleaved pairs (x[2j], x[2j+1]) in float32; x [B, S, H, d], cos/sin [B, S, 1, d/2]."""
+    cos, sin = rope
+    x32 = x.float().unflatten(-1, (-1, 2))
+    a, b = x32[..., 0], x32[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+    """[cos | sin](t * max_period^(-k/half)), float32, cos first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], -1)
+
+
+def patchify(x, p: int):
+    """[B, C, H, W] -> [B, (H/p)(W/p), p*p*C], row-major tokens, vector order (ph, pw, c) with c fastest."""
+    B, C, H, W = x.shape
+    return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(tokens, H: int, W: int, p: int):
+    """Inverse of `patchify`: [B, (H/p)(W/p), p*p*C] -> [B, C, H, W]."""
+    B, _, D = tokens.shape
+    C = D // (p * p)
+    return tokens.reshape(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+
+
+def _ceil(n: int) -> int:
+    return -(-n // SEQ_MULTIPLE) * SEQ_MULTIPLE
+
+
+def _count_blocks(sd: Mapping, kind: str) -> int:
+    pat = re.compile(re.escape(kind) + r"\.(\d+)\.")
+    found = {int(m.group(1)) for k in sd if (m := pat.match(k))}
+    if found and found != set(range(len(found))):
+        raise WeightError(f"Z-Image transformer: {kind} indices are not contiguous: {sorted(found)}")
+    return len(found)
+
+
+def _caption_list(cap_feats, batch: int, cap_dim: int) -> list:
+    if isinstance(cap_feats, torch.Tensor):
+        if cap_feats.dim() != 3:
+            raise ConfigError(f"cap_feats must be [B, L, {cap_dim}] or a list of [L, {cap_dim}], got "
+                              f"{tuple(cap_feats.shape)}")
+        cap_feats = list(cap_feats.unbind(0))
+    caps = list(cap_feats)
+    if len(caps) != batch:
+        raise ConfigError(f"got {len(caps)} captions for a batch of {batch} latents")
+    for c in caps:
+        if c.dim() != 2 or c.shape[-1] != cap_dim:
+            raise ConfigError(f"each caption must be [L, {cap_dim}] (Qwen3 hidden states), got {tuple(c.shape)}")
+    return caps
