@@ -1,0 +1,389 @@
+"""FLUX.2 [klein] flow transformer (torch).
+
+Matches diffusers 0.42.1 `Flux2Transformer2DModel` (`diffusers/models/transformers/transformer_flux2.py`) to float32
+round-off; parameter names are the original BFL / ComfyUI checkpoint keys (`flux_core/weights/klein.py` converts the
+diffusers layout).
+
+Architecture (klein-4B; 9B in brackets). No linear layer has a bias.
+  img_in 128 -> 3072 [4096]; txt_in 7680 [12288] -> 3072; time_in: sinusoid(1000*sigma, 256) -> MLP -> vec [B, D].
+  Modulation is shared by all blocks and computed once per forward from silu(vec):
+    double_stream_modulation_img / _txt: D -> 6D  [shift, scale, gate] x (attention, MLP)
+    single_stream_modulation:            D -> 3D  [shift, scale, gate]
+  5 [8] double blocks: separate img / txt weights, joint attention over [txt, img], SwiGLU MLP (ratio 3).
+  20 [24] single blocks on the concatenated [txt, img] sequence: linear1 = [q | k | v | mlp_a | mlp_b],
+    linear2 over [attn | silu(mlp_a) * mlp_b].
+  final_layer: drop the text rows, adaLN with [shift, scale] (BFL order), linear D -> 128.
+  Heads 24 [32] x 128; QK-RMSNorm (eps 1e-6) per head; LayerNorms have no affine (eps 1e-6).
+  RoPE over 4 position axes (t, h, w, l), 32 dims each, theta 2000, *interleaved pairs* (x[2j], x[2j+1]).
+
+Pitfalls:
+  - the time input is sigma in [0, 1]; it is multiplied by 1000 here (diffusers does the same inside the model).
+  - text tokens come FIRST in the joint sequence, for attention and for RoPE.
+  - final adaLN is [shift, scale] in this layout (diffusers norm_out is [scale, shift]); block modulations are not swapped.
+  - diffusers rounds sigma to the model dtype before the sinusoid; we keep it in float32 (identical in float32, more
+    accurate in bf16: sigma 0.958 in bf16 is off by ~0.002, i.e. ~2 timesteps).
+  - RoPE tables are computed on the CPU in float64 (MPS has no float64; the model never branches on device) and
+    applied in float32; LayerNorm / RMSNorm use torch's fused kernels, which accumulate in float32 for bf16.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, WeightError
+from ..weights import klein as klein_keys
+from ..weights.io import Checkpoint, load_checkpoint
+from ..weights.keymap import load_into_torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KleinConfig:
+    """Defaults are klein-4B (BFL / diffusers published config)."""
+
+    in_channels: int = 128
+    out_channels: int = 128
+    hidden_size: int = 3072
+    num_heads: int = 24
+    head_dim: int = 128
+    depth: int = 5            # double-stream blocks
+    depth_single: int = 20    # single-stream blocks
+    context_in_dim: int = 7680
+    time_dim: int = 256       # sinusoid width fed to time_in
+    mlp_ratio: float = 3.0
+    axes_dim: tuple = (32, 32, 32, 32)
+    theta: float = 2000.0
+    eps: float = 1e-6
+    guidance_embed: bool = False
+
+    def __post_init__(self):
+        self.axes_dim = tuple(int(a) for a in self.axes_dim)
+        if self.num_heads * self.head_dim != self.hidden_size:
+            raise ConfigError(f"hidden_size {self.hidden_size} != num_heads {self.num_heads} x head_dim {self.head_dim}")
+        if sum(self.axes_dim) != self.head_dim or any(a % 2 for a in self.axes_dim):
+            raise ConfigError(f"RoPE axes {self.axes_dim} must be even and sum to head_dim {self.head_dim}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        v = self.hidden_size * self.mlp_ratio   # diffusers: int(); the round() guards ratios derived from shapes
+        return round(v) if abs(v - round(v)) < 1e-6 else int(v)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping, config_json: Mapping | None = None) -> "KleinConfig":
+        """From a diffusers config.json when given, else from the shapes of a native (BFL-layout) state dict."""
+        if klein_keys.is_flux2_config(config_json):
+            return cls(**klein_keys.config_from_diffusers(config_json))
+
+        def shape(key):
+            if key not in sd:
+                raise WeightError(f"not a FLUX.2 transformer: missing {key}")
+            return tuple(sd[key].shape)
+
+        hidden, in_channels = shape("img_in.weight")
+        first = "double_blocks.0.img_attn" if "double_blocks.0.img_attn.qkv.weight" in sd else "single_blocks.0"
+        head_dim = shape(f"{first}.norm.query_norm.scale")[0]
+        if "double_blocks.0.img_mlp.0.weight" in sd:
+            mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0] // 2      # [a | b] of the SwiGLU
+        else:
+            mlp_hidden = shape("single_blocks.0.linear2.weight")[1] - hidden    # [attn | mlp] columns
+        if hidden % head_dim or head_dim % 8:
+            raise WeightError(f"hidden size {hidden} / head dim {head_dim} from the checkpoint do not fit FLUX.2")
+        return cls(
+            in_channels=in_channels,
+            out_channels=shape("final_layer.linear.weight")[0],
+            hidden_size=hidden,
+            num_heads=hidden // head_dim,
+            head_dim=head_dim,
+            depth=_count_blocks(sd, "double_blocks"),
+            depth_single=_count_blocks(sd, "single_blocks"),
+            context_in_dim=shape("txt_in.weight")[1],
+            time_dim=shape("time_in.in_layer.weight")[1],
+            mlp_ratio=mlp_hidden / hidden,
+            axes_dim=(head_dim // 4,) * 4,   # BFL / ComfyUI fix 4 equal axes (32 each for head_dim 128)
+            theta=2000.0,
+            eps=1e-6,
+            guidance_embed="guidance_in.in_layer.weight" in sd,
+        )
+
+
+# ------------------------------------------------------------------------------------------------ small blocks
+
+class RMSNorm(nn.Module):
+    """Per-head QK norm; the weight is called `scale` in BFL files."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.scale, self.eps)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.query_norm = RMSNorm(dim, eps)
+        self.key_norm = RMSNorm(dim, eps)
+
+
+class SiLUGate(nn.Module):
+    """silu(first half) * second half; sits at index 1 so the MLP keys are `*_mlp.0` / `*_mlp.2`."""
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, dim, bias=False)
+        self.out_layer = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class Modulation(nn.Module):
+    """silu(vec) -> Linear -> `n` chunks of [B, 1, D] (shift, scale, gate, ...)."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.lin = nn.Linear(dim, n * dim, bias=False)
+
+    def forward(self, vec):
+        return self.lin(F.silu(vec))[:, None, :].chunk(self.n, dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """One stream of a double block: fused qkv, per-head QK norm, output projection."""
+
+    def __init__(self, cfg: KleinConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.norm = QKNorm(cfg.head_dim, cfg.eps)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def qkv_heads(self, x):
+        """[B, L, D] -> q, k, v each [B, L, H, d], q and k normed."""
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
+        return self.norm.query_norm(q), self.norm.key_norm(k), v
+
+
+def _mlp(cfg: KleinConfig) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cfg.hidden_size, 2 * cfg.mlp_hidden, bias=False), SiLUGate(),
+                         nn.Linear(cfg.mlp_hidden, cfg.hidden_size, bias=False))
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, cfg: KleinConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.img_attn, self.txt_attn = SelfAttention(cfg), SelfAttention(cfg)
+        self.img_mlp, self.txt_mlp = _mlp(cfg), _mlp(cfg)
+
+    def forward(self, img, txt, mod_img, mod_txt, pe):
+        """img [B, N, D], txt [B, T, D]; mod_* = 6 chunks [B, 1, D]; pe [B', T+N, d/2, 2]."""
+        i_shift, i_scale, i_gate, i_shift2, i_scale2, i_gate2 = mod_img
+        t_shift, t_scale, t_gate, t_shift2, t_scale2, t_gate2 = mod_txt
+        iq, ik, iv = self.img_attn.qkv_heads(_modulate(img, i_shift, i_scale, self.eps))
+        tq, tk, tv = self.txt_attn.qkv_heads(_modulate(txt, t_shift, t_scale, self.eps))
+        attn = attention(torch.cat([tq, iq], 1), torch.cat([tk, ik], 1), torch.cat([tv, iv], 1), pe)
+        txt_a, img_a = attn.split([txt.shape[1], img.shape[1]], dim=1)
+
+        img = img + i_gate * self.img_attn.proj(img_a)
+        img = img + i_gate2 * self.img_mlp(_modulate(img, i_shift2, i_scale2, self.eps))
+        txt = txt + t_gate * self.txt_attn.proj(txt_a)
+        txt = txt + t_gate2 * self.txt_mlp(_modulate(txt, t_shift2, t_scale2, self.eps))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel block: attention and MLP share linear1 (in) and linear2 (out)."""
+
+    def __init__(self, cfg: KleinConfig):
+        super().__init__()
+        self.eps, self.heads, self.head_dim = cfg.eps, cfg.num_heads, cfg.head_dim
+        self.split = (3 * cfg.hidden_size, 2 * cfg.mlp_hidden)
+        self.linear1 = nn.Linear(cfg.hidden_size, sum(self.split), bias=False)
+        self.linear2 = nn.Linear(cfg.hidden_size + cfg.mlp_hidden, cfg.hidden_size, bias=False)
+        self.norm = QKNorm(cfg.head_dim, cfg.eps)
+        self.mlp_act = SiLUGate()
+
+    def forward(self, x, mod, pe):
+        """x [B, T+N, D]; mod = (shift, scale, gate) each [B, 1, D]."""
+        shift, scale, gate = mod
+        qkv, mlp = self.linear1(_modulate(x, shift, scale, self.eps)).split(self.split, dim=-1)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
+        attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe)
+        return x + gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
+
+
+class LastLayer(nn.Module):
+    def __init__(self, cfg: KleinConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size, bias=False))
+        self.linear = nn.Linear(cfg.hidden_size, cfg.out_channels, bias=False)
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)   # BFL order: shift first
+        return self.linear(_modulate(x, shift, scale, self.eps))
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+class Flux2Transformer(nn.Module):
+    def __init__(self, cfg: KleinConfig):
+        super().__init__()
+        self.config = cfg
+        D = cfg.hidden_size
+        self.img_in = nn.Linear(cfg.in_channels, D, bias=False)
+        self.txt_in = nn.Linear(cfg.context_in_dim, D, bias=False)
+        self.time_in = MLPEmbedder(cfg.time_dim, D)
+        self.guidance_in = MLPEmbedder(cfg.time_dim, D) if cfg.guidance_embed else None
+        self.double_stream_modulation_img = Modulation(D, 6)
+        self.double_stream_modulation_txt = Modulation(D, 6)
+        self.single_stream_modulation = Modulation(D, 3)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.depth_single))
+        self.final_layer = LastLayer(cfg)
+
+    def make_pe(self, img_ids, txt_ids):
+        """RoPE table for the joint [txt, img] sequence: float32 [B' or 1, T+N, head_dim/2, 2] (cos, sin).
+        Depends only on the ids, so a sampler computes it once and passes it back as `pe=` every step."""
+        return rope_table(img_ids, txt_ids, self.config.axes_dim, self.config.theta)
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, pe=None, guidance=None):
+        """img [B, N, C] packed latent tokens (noise and reference tokens), txt [B, T, context_in_dim],
+        *_ids [N, 4] / [B, N, 4] (t, h, w, l), timesteps [B] = sigma in [0, 1]. Returns [B, N, out_channels]."""
+        dtype = self.img_in.weight.dtype
+        B = img.shape[0]
+        # 1. time embedding (sinusoid in float32, MLP in the model dtype) and the shared modulations
+        t = torch.as_tensor(timesteps, device=img.device).reshape(-1).float().expand(B) * 1000
+        vec = self.time_in(timestep_embedding(t, self.config.time_dim).to(dtype))
+        if self.guidance_in is not None and guidance is not None:
+            g = torch.as_tensor(guidance, device=img.device).reshape(-1).float().expand(B) * 1000
+            vec = vec + self.guidance_in(timestep_embedding(g, self.config.time_dim).to(dtype))
+        mod_img = self.double_stream_modulation_img(vec)
+        mod_txt = self.double_stream_modulation_txt(vec)
+        mod_single = self.single_stream_modulation(vec)
+
+        # 2. input projections: [B, N, C] -> [B, N, D], [B, T, Dt] -> [B, T, D]
+        img = self.img_in(img.to(dtype))
+        txt = self.txt_in(txt.to(dtype))
+        if pe is None:
+            pe = self.make_pe(img_ids, txt_ids)
+        pe = pe.to(img.device)
+
+        # 3. double-stream blocks, then 4. single-stream blocks over [txt, img]
+        for block in self.double_blocks:
+            img, txt = block(img, txt, mod_img, mod_txt, pe)
+        x = torch.cat([txt, img], dim=1)
+        for block in self.single_blocks:
+            x = block(x, mod_single, pe)
+
+        # 5. image rows only, final adaLN + projection
+        return self.final_layer(x[:, txt.shape[1]:], vec)
+
+
+def load_klein(path_or_checkpoint, dtype=torch.float32, device="cpu") -> Flux2Transformer:
+    """Load a klein transformer from a BFL / ComfyUI .safetensors file, a diffusers transformer folder, a pipeline
+    folder (its `transformer/`), a `Checkpoint` or a plain state dict. Built on the meta device, loaded strictly."""
+    if isinstance(path_or_checkpoint, Checkpoint):
+        ckpt = path_or_checkpoint
+    elif isinstance(path_or_checkpoint, Mapping):
+        ckpt = Checkpoint(dict(path_or_checkpoint), None, {}, "<state dict>")
+    elif isinstance(path_or_checkpoint, (str, os.PathLike)):
+        ckpt = load_checkpoint(path_or_checkpoint, component="transformer")
+    else:
+        raise ConfigError(f"load_klein: expected a path, a Checkpoint or a state dict, got {type(path_or_checkpoint)}")
+    sd = klein_keys.to_native(ckpt.sd)
+    cfg = KleinConfig.from_state_dict(sd, ckpt.config)
+    logger.debug("klein transformer %s: %s", ckpt.source, cfg)
+    with torch.device("meta"):
+        model = Flux2Transformer(cfg)
+    load_into_torch(model, sd, f"FLUX.2 klein transformer ({ckpt.source})", dtype=dtype, device=device)
+    return model.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+
+def _modulate(x, shift, scale, eps):
+    return (1 + scale) * F.layer_norm(x, (x.shape[-1],), eps=eps) + shift
+
+
+def _count_blocks(sd: Mapping, name: str) -> int:
+    pat = re.compile(rf"^{name}\.(\d+)\.")
+    idx = {int(m.group(1)) for k in sd if (m := pat.match(k))}
+    return max(idx) + 1 if idx else 0   # a gap shows up later as missing keys in the strict load
+
+
+def attention(q, k, v, pe):
+    """q, k, v [B, L, H, d] -> RoPE on q, k -> SDPA (scale 1/sqrt(d), no mask) -> [B, L, H*d]."""
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2)
+
+
+def apply_rope(x, pe):
+    """Rotate interleaved pairs (x[2j], x[2j+1]) in float32. x [B, L, H, d]; pe [B', L, d/2, 2] (cos, sin)."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = pe[:, :, None, :, 0], pe[:, :, None, :, 1]
+    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(x.dtype)
+
+
+def rope_table(img_ids, txt_ids, axes_dim, theta):
+    """ids [N, 4] or [B, N, 4] -> float32 [B' or 1, T+N, sum(axes)/2, 2]. Frequencies theta^(-2j/axis) per axis,
+    angles in float64 on the CPU (as diffusers, which uses float64 where the device has it), then cos / sin -> float32."""
+    device = img_ids.device
+    img_ids, txt_ids = (i.detach().to("cpu") for i in (img_ids, txt_ids))
+    img_ids = img_ids[None] if img_ids.dim() == 2 else img_ids
+    txt_ids = txt_ids[None] if txt_ids.dim() == 2 else txt_ids
+    b = max(img_ids.shape[0], txt_ids.shape[0])
+    ids = torch.cat([txt_ids.expand(b, -1, -1), img_ids.expand(b, -1, -1)], dim=1)
+    pos = ids.to(torch.float32).to(torch.float64)   # diffusers reads ids as float32 first
+    angles = []
+    for i, dim in enumerate(axes_dim):
+        freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        angles.append(pos[..., i, None] * freqs)
+    angles = torch.cat(angles, dim=-1)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(torch.float32).to(device)
+
+
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
+    """t [B] (already x1000) -> float32 [B, dim] = [cos(t f_k) | sin(t f_k)], f_k = max_period^(-k/(dim/2))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def position_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
+    """Ids of an h x w grid of packed latent tokens, row-major: (t, row, col, 0). t = 0 for the noise image,
+    10, 20, ... for reference images (REFERENCE 1.4). int64 [h*w, 4]."""
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ids = torch.zeros(h * w, 4, dtype=torch.long)
+    ids[:, 0] = t
+    ids[:, 1] = rows.reshape(-1)
+    ids[:, 2] = cols.reshape(-1)
+    return ids
+
+
+def text_ids(n: int) -> torch.Tensor:
+    """Ids of n text tokens: (0, 0, 0, l) for l = 0..n-1 (padding positions included). int64 [n, 4]."""
+    ids = torch.zeros(n, 4, dtype=torch.long)
+    ids[:, 3] = torch.arange(n)
+    return ids
