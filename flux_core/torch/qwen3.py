@@ -1,0 +1,282 @@
+"""Qwen3 decoder used as a text encoder (torch): the shared text model of FLUX.2 [klein] and Z-Image.
+
+Matches HF transformers `Qwen3Model` / `Qwen3ForCausalLM` (`hidden_states` with a padding mask, float32 to ~1e-6;
+tests/test_qwen3.py). REFERENCE.md section 3.
+
+Architecture (Qwen3-4B; Qwen3-8B for klein-9B in brackets):
+  embed_tokens 151936 x 2560 [4096]; 36 pre-norm decoder layers; final RMSNorm `norm`.
+  layer: x += o_proj(attn(input_layernorm(x)));  x += down(silu(gate(h)) * up(h)), h = post_attention_layernorm(x)
+  attention: 32 query heads, 8 KV heads (GQA x4), head_dim 128 (q width 4096 != hidden 2560), no biases,
+             RMSNorm over head_dim on q and k (`q_norm`, `k_norm`) BEFORE rotate-half RoPE, theta 1e6.
+  MLP 9728 [12288]; RMSNorm eps 1e-6.
+
+`forward(..., output_layers)` returns HF `hidden_states[k]` for each k: 0 = embeddings, k = raw output of decoder layer
+k-1, num_layers = final-normed output (HF overwrites its last entry with `last_hidden_state`). Negative k count from
+the end like HF's tuple (-1 = normed, -2 = raw output of the second-to-last layer). klein reads 9/18/27, Z-Image -2.
+
+Pitfalls:
+  - The loop stops after the deepest requested layer, and the model can be BUILT with fewer layers than the checkpoint
+    (`max_layers`): klein needs 27 of 36, Z-Image 35. `norm` only exists when every layer is built.
+  - Mask = causal AND key padding. A right-pad query row attends all real tokens (not itself): its hidden state is
+    still used by klein, which feeds all 512 positions to the DiT. A row with no visible key at all (left padding)
+    would be NaN in some SDPA kernels: we let it see everything and zero its attention output afterwards, which is
+    what HF's SDPA path gives on torch >= 2.5.
+  - RMSNorm statistics in float32, cast back to the activation dtype BEFORE the weight multiply (HF order).
+  - RoPE tables and rotation in float32 (inv_freq built exactly as HF: float32 `theta ** (arange(0, d, 2) / d)`).
+  - Qwen3Config() in transformers 5 defaults rope_theta to 1e4: a config.json without a theta means 1e6 here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, WeightError
+from ..weights import qwen3 as qwen3_keys
+from ..weights.io import Checkpoint, load_checkpoint
+from ..weights.keymap import load_into_torch
+
+
+@dataclass
+class Qwen3Config:
+    """Qwen3-4B defaults. `from_state_dict` reads every size from tensor shapes, theta/eps from config.json."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 2560
+    intermediate_size: int = 9728
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping, config_json: dict | None = None) -> "Qwen3Config":
+        """Detect the geometry from a state dict in OUR layout (see weights/qwen3.to_native); shapes only, so meta
+        tensors work. config.json supplies rope_theta / rms_norm_eps and is cross-checked against the shapes."""
+        def shape(key):
+            if key not in sd:
+                raise WeightError(f"Qwen3 text encoder: key {key!r} not found; is this a Qwen3 checkpoint? "
+                                  f"(first keys: {sorted(sd)[:5]})")
+            return tuple(sd[key].shape)
+
+        vocab, hidden = shape("embed_tokens.weight")
+        head_dim = shape("layers.0.self_attn.q_norm.weight")[0]
+        layers = {qwen3_keys.layer_index(k) for k in sd} - {None}
+        if layers != set(range(len(layers))):
+            missing = sorted(set(range(max(layers) + 1)) - layers)
+            raise WeightError(f"Qwen3 text encoder: decoder layers {missing} are missing from the checkpoint "
+                              "(truncated or partial download?)")
+        cfg = cls(vocab_size=vocab, hidden_size=hidden, head_dim=head_dim,
+                  intermediate_size=shape("layers.0.mlp.gate_proj.weight")[0],
+                  num_hidden_layers=len(layers),
+                  num_attention_heads=shape("layers.0.self_attn.q_proj.weight")[0] // head_dim,
+                  num_key_value_heads=shape("layers.0.self_attn.k_proj.weight")[0] // head_dim)
+        if config_json:
+            cfg.rope_theta, cfg.rms_norm_eps = _theta_and_eps(config_json)
+            _cross_check(cfg, config_json)
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise WeightError(f"Qwen3 text encoder: {cfg.num_attention_heads} query heads are not a multiple of "
+                              f"{cfg.num_key_value_heads} KV heads")
+        return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------- blocks
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)  # cast back first, then the weight multiply (HF order)
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        d, hq, hkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim, self.n_heads, self.n_kv = d, hq, hkv
+        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)  # per head, over head_dim
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple, mask: "AttnMask") -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, S, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, Hq, S, d]
+        k = self.k_norm(self.k_proj(x).view(B, S, self.n_kv, self.head_dim)).transpose(1, 2)     # [B, Hkv, S, d]
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        rep = self.n_heads // self.n_kv  # query head h reads KV head h // rep (HF repeat_kv)
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias, is_causal=mask.bias is None,
+                                             scale=1.0 / math.sqrt(self.head_dim))
+        if mask.dead is not None:
+            out = out.masked_fill(mask.dead, 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3Layer(nn.Module):
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.self_attn = Qwen3Attention(cfg)
+        self.mlp = Qwen3MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple, mask: "AttnMask") -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -------------------------------------------------------------------------------------------------------- top model
+class Qwen3Encoder(nn.Module):
+    """Qwen3 decoder stack returning selected hidden states. Module names = HF keys without `model.`."""
+
+    def __init__(self, cfg: Qwen3Config, max_layers: int | None = None):
+        super().__init__()
+        self.config = cfg
+        n = cfg.num_layers if max_layers is None else int(max_layers)
+        if not 1 <= n <= cfg.num_layers:
+            raise ConfigError(f"max_layers={max_layers}: the checkpoint has {cfg.num_layers} Qwen3 layers")
+        self.n_built = n
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen3Layer(cfg) for _ in range(n))
+        # The final norm only serves hidden_states[num_layers]; a truncated model has no use (and no key) for it.
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if n == cfg.num_layers else None
+
+    def resolve_layer(self, k: int) -> int:
+        """HF hidden_states index (negatives count from the end of the FULL model's tuple) -> 0..num_layers."""
+        total = self.config.num_layers + 1
+        i = k + total if k < 0 else k
+        if not 0 <= i < total:
+            raise ConfigError(f"hidden-state index {k} is out of range for a {self.config.num_layers}-layer Qwen3")
+        if i > self.n_built or (i == self.config.num_layers and self.norm is None):
+            what = f"{i} Qwen3 layers" + (" and the final norm" if i == total - 1 else "")
+            raise ConfigError(f"hidden-state index {k} needs {what}, but this encoder was loaded with only "
+                              f"{self.n_built}: load it with max_layers >= {i}")
+        return i
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_layers: Sequence[int] = (-1,)) -> list[torch.Tensor]:
+        want = [self.resolve_layer(k) for k in output_layers]
+        last = max(want)
+        S = input_ids.shape[1]
+        # 1. embeddings, RoPE tables and the mask, computed once for all layers
+        x = self.embed_tokens(input_ids)                                                    # [B, S, H]
+        rope = rope_tables(S, self.config.head_dim, self.config.rope_theta, x.device)
+        mask = make_mask(attention_mask, S, x.device, x.dtype)
+        taps = {0: x}
+        # 2. decoder layers, stopping after the deepest requested one
+        for i in range(last):
+            x = self.layers[i](x, rope, mask)
+            taps[i + 1] = x
+        # 3. hidden_states[num_layers] is the final-normed output, not the raw last layer (HF semantics)
+        if last == self.config.num_layers:
+            taps[last] = self.norm(x)
+        return [taps[i] for i in want]
+
+
+def load_qwen3(path_or_checkpoint, dtype=torch.float32, device="cpu", max_layers: int | None = None) -> Qwen3Encoder:
+    """Load a Qwen3 text encoder: a single HF-layout file (with or without `model.`), a diffusers `text_encoder/`
+    folder (sharded or not, Qwen3ForCausalLM or Qwen3Model naming), a pipeline folder, or a loaded `Checkpoint`.
+
+    Only the first `max_layers` decoder layers are built and loaded (the rest of the file is skipped on purpose)."""
+    ckpt = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else \
+        load_checkpoint(path_or_checkpoint, component="text_encoder")
+    sd = qwen3_keys.to_native(ckpt.sd)
+    cfg = Qwen3Config.from_state_dict(sd, ckpt.config)
+    n = cfg.num_layers if max_layers is None else min(int(max_layers), cfg.num_layers)
+    sd = qwen3_keys.drop_unused(sd, n, keep_norm=n == cfg.num_layers)
+    with torch.device("meta"):
+        model = Qwen3Encoder(cfg, max_layers=n)
+    load_into_torch(model, sd, f"Qwen3 text encoder ({ckpt.source or 'state dict'})", dtype=dtype, device=device)
+    return model.eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------------ pure helpers
+@dataclass
+class AttnMask:
+    keep: torch.Tensor | None = None   # [B, 1, S, S] bool, True = may attend; None = plain causal (is_causal)
+    bias: torch.Tensor | None = None   # the same as an additive 0 / -inf mask in the activation dtype
+    dead: torch.Tensor | None = None   # [B, 1, S, 1] bool rows that see no key at all (zeroed after SDPA)
+
+
+def make_mask(attention_mask: torch.Tensor | None, S: int, device, dtype=torch.float32) -> AttnMask:
+    """Causal AND key-padding mask. No padding -> no mask, so SDPA can use its fused causal kernels.
+
+    Built once per forward as an additive mask: SDPA would otherwise convert a boolean mask in every layer."""
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return AttnMask()
+    causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    keep = causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    dead = ~keep.any(-1, keepdim=True)
+    dead = dead if bool(dead.any()) else None
+    if dead is not None:
+        keep = keep | dead  # an all -inf row is NaN in some kernels; its output is zeroed instead
+    bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+    return AttnMask(keep, bias, dead)
+
+
+def rope_tables(S: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE cos/sin [S, head_dim] in float32; inv_freq exactly as HF builds it (float32 pow)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    freqs = torch.arange(S, device=device).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple) -> torch.Tensor:
+    cos, sin = rope
+    h = x.float()
+    half = h.shape[-1] // 2
+    rotated = torch.cat((-h[..., half:], h[..., :half]), dim=-1)
+    return (h * cos + rotated * sin).to(x.dtype)
+
+
+def _theta_and_eps(config_json: dict) -> tuple[float, float]:
+    """rope_theta: transformers <5 writes `rope_theta`, 5.x `rope_parameters.rope_theta`; default 1e6 (Qwen3)."""
+    rope = config_json.get("rope_parameters") or {}
+    scaling = config_json.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ConfigError(f"Qwen3 config asks for RoPE type {kind!r}; only the default RoPE of Qwen3-4B/8B "
+                          "is supported")
+    theta = config_json.get("rope_theta", rope.get("rope_theta", 1e6))
+    return float(theta), float(config_json.get("rms_norm_eps", 1e-6))
+
+
+def _cross_check(cfg: Qwen3Config, config_json: dict) -> None:
+    """A config.json that disagrees with the tensors means a mixed-up folder; say so instead of computing garbage."""
+    bad = [f"{f.name}: config.json {config_json[f.name]} vs weights {getattr(cfg, f.name)}"
+           for f in fields(cfg) if f.name not in ("rope_theta", "rms_norm_eps") and f.name in config_json
+           and config_json[f.name] is not None and config_json[f.name] != getattr(cfg, f.name)]
+    if bad:
+        raise WeightError("Qwen3 text encoder: config.json does not match the weights (" + "; ".join(bad) + ")")
