@@ -1,0 +1,300 @@
+"""encode -> sample -> decode for FLUX.2 klein and Z-Image, with progress / interrupt / preview callbacks.
+
+The stages are separate functions because the ComfyUI nodes call them one by one (text encode, reference encode,
+sample, decode); `generate()` strings them together for the CLI. Everything matches diffusers' Flux2KleinPipeline and
+ZImagePipeline given the same noise (tests/test_pipeline_*.py), and the noise is drawn the way diffusers and ComfyUI
+draw it: `torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))` in float32, so a seed means the
+same image everywhere.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import schedule
+from .errors import ConfigError, Interrupted
+from .models import LoadedModel, check_pair, check_text_width
+
+log = logging.getLogger(__name__)
+
+REF_AREA_CAP = 1024 * 1024  # diffusers Flux2KleinPipeline: references above 1024² px are resized to that area
+MAX_SEED = 2**64 - 1
+
+
+@dataclass
+class Conditioning:
+    """Text features for one family. klein: tensor [B, 512, 3H]; Z-Image: list of [L_i, H] (real tokens only)."""
+    mode: str
+    embeds: object
+    prompts: list[str]
+    refs: list = field(default_factory=list)  # klein reference latents, each [1, 128, h, w] (native layout)
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    def with_reference(self, latent) -> "Conditioning":
+        return Conditioning(self.mode, self.embeds, self.prompts, self.refs + [latent])
+
+    def feature_width(self) -> int:
+        return int(self.embeds.shape[-1]) if self.mode == "klein" else int(self.embeds[0].shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. text
+
+def encode_prompt(text_encoder: LoadedModel, prompts, mode: str) -> Conditioning:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    enc = text_encoder.module
+    if mode == "klein":
+        return Conditioning("klein", enc.encode_klein(prompts), prompts)
+    if mode == "zimage":
+        return Conditioning("zimage", enc.encode_zimage(prompts), prompts)
+    raise ConfigError(f"unknown text mode {mode!r}: 'klein' or 'zimage'")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. images in
+
+def to_pil(image):
+    """PIL image, HxWxC uint8/float array or [1,H,W,C] / [H,W,C] tensor in 0..1 -> RGB PIL image."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if arr.ndim == 4:
+        if arr.shape[0] != 1:
+            raise ConfigError("one reference image at a time (got a batch of %d)" % arr.shape[0])
+        arr = arr[0]
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    return Image.fromarray(arr).convert("RGB")
+
+
+def prepare_reference(image, keep_size: bool = False, multiple: int = 16):
+    """A reference image as diffusers prepares it: cap the area at 1024² (LANCZOS), then center-crop to a multiple of
+    16. Returns a float32 array [1, 3, H, W] in 0..1. `keep_size` skips the area cap (crop only)."""
+    img = to_pil(image)
+    w, h = img.size
+    if min(w, h) < 64 or max(w, h) / min(w, h) > 8:
+        raise ConfigError(f"reference image {w}x{h}: each side must be at least 64 px and the aspect ratio at most 8:1")
+    if not keep_size and w * h > REF_AREA_CAP:
+        from PIL import Image
+
+        s = math.sqrt(REF_AREA_CAP / (w * h))
+        img = img.resize((int(w * s), int(h * s)), Image.Resampling.LANCZOS)
+        w, h = img.size
+    cw, ch = (w // multiple) * multiple, (h // multiple) * multiple
+    left, top = (w - cw) // 2, (h - ch) // 2
+    img = img.crop((left, top, left + cw, top + ch))
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return arr.transpose(2, 0, 1)[None].copy()
+
+
+def encode_image(vae: LoadedModel, pixels01):
+    """[B,3,H,W] 0..1 (numpy or backend array) -> latent in the model's native layout."""
+    return vae.module.encode(_to_backend(pixels01, vae))
+
+
+def encode_reference(vae: LoadedModel, image, keep_size: bool = False):
+    return encode_image(vae, prepare_reference(image, keep_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. sampling
+
+def make_noise(seed: int, batch: int, channels: int, h: int, w: int):
+    """The seed's noise, float32 on the CPU, exactly as diffusers and ComfyUI draw it."""
+    import torch
+
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ConfigError(f"seed must be in 0..{MAX_SEED}, got {seed}")
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn((batch, channels, h, w), generator=g, dtype=torch.float32)
+
+
+def latent_size(model: LoadedModel, width: int, height: int) -> tuple[int, int, int]:
+    """(channels, h, w) of the native latent for an image of width x height."""
+    cfg = model.module.config
+    if model.family == "klein":
+        return cfg.in_channels, height // 16, width // 16
+    return cfg.in_channels, height // 8, width // 8
+
+
+def check_size(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
+    if width is None or height is None:
+        raise ConfigError("width and height are required")
+    if width < multiple or height < multiple:
+        raise ConfigError(f"width and height must be at least {multiple}, got {width}x{height}")
+    w2, h2 = (int(width) // multiple) * multiple, (int(height) // multiple) * multiple
+    if (w2, h2) != (width, height):
+        log.warning("fluxcore: %dx%d is not a multiple of %d; using %dx%d (as diffusers does)",
+                    width, height, multiple, w2, h2)
+    return w2, h2
+
+
+@dataclass
+class SampleResult:
+    latent: object            # native layout, float32, on the backend's device
+    seed: int
+    steps: int
+    guidance: float
+    sigmas: np.ndarray
+
+
+def sample(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None = None, *, width: int, height: int,
+           steps: int | None = None, guidance: float | None = None, seed: int = 0, noise=None,
+           init_latent=None, strength: float = 1.0,
+           callback: Callable | None = None, interrupt: Callable[[], bool] | None = None) -> SampleResult:
+    """The denoising loop, shared by both families and both backends.
+
+    noise: optional explicit float32 [B, C, h, w] (the seed's noise otherwise). init_latent + strength < 1: start
+    from the encoded image at σ[start] (image-to-image). callback(step, total, latent) after every step;
+    interrupt() is polled before every step and raises Interrupted."""
+    variant = model.variant
+    kind = variant.family
+    if cond.mode != variant.text_mode:
+        raise ConfigError(f"the conditioning was encoded in {cond.mode} mode but the model is {variant.name}: set "
+                          f"the text encoder's mode to {variant.text_mode}")
+    check_text_width(model, cond.feature_width())
+    steps = variant.steps if steps is None else int(steps)
+    guidance = variant.guidance if guidance is None else float(guidance)
+    width, height = check_size(width, height)
+    c, h, w = latent_size(model, width, height)
+    batch = cond.batch
+    if noise is None:
+        noise = make_noise(seed, batch, c, h, w)
+    elif tuple(noise.shape) != (batch, c, h, w):
+        raise ConfigError(f"noise shape {tuple(noise.shape)} != expected {(batch, c, h, w)}")
+
+    if kind == "klein":
+        sigmas = schedule.klein_sigmas(steps, h * w)
+    else:
+        sigmas = schedule.zimage_sigmas(steps)
+    start = 0
+    if init_latent is not None and strength < 1.0:
+        start = schedule.img2img_start(sigmas, strength)
+        if start >= steps:
+            raise ConfigError(f"strength {strength} with {steps} steps leaves no step to run; raise strength or steps")
+    cfg = schedule.uses_cfg(kind, guidance, variant.distilled)
+    if cfg and uncond is None:
+        raise ConfigError(f"{variant.name} with guidance {guidance} uses CFG and needs a negative conditioning "
+                          "(an empty prompt is the usual one)")
+    ops = _ops(model.backend)
+    denoise = ops.make_denoiser(model, cond, uncond if cfg else None, guidance, batch, h, w)
+    x = ops.initial_latent(noise, init_latent, sigmas[start], model)
+    x = euler(denoise, x, sigmas, kind, start, callback, interrupt, ops)
+    return SampleResult(x, int(seed), steps, guidance, sigmas)
+
+
+def euler(denoise, x, sigmas, kind: str, start: int = 0, callback=None, interrupt=None, ops=None):
+    """x <- x + (σ_{i+1} − σ_i)·v, with v in the FLUX convention (noise − x0); float32 between steps."""
+    total = len(sigmas) - 1 - start
+    for n, i in enumerate(range(start, len(sigmas) - 1)):
+        if interrupt is not None and interrupt():
+            raise Interrupted(f"interrupted before step {n + 1} of {total}")
+        v = denoise(x, schedule.model_time(sigmas[i], kind))
+        x = x + float(np.float32(sigmas[i + 1] - sigmas[i])) * v
+        if ops is not None:
+            x = ops.step_done(x)
+        if callback is not None:
+            callback(n + 1, total, x)
+    return x
+
+
+def _ops(backend: str):
+    if backend == "mlx":
+        from .mlx import runtime
+
+        return runtime
+    from .torch import runtime
+
+    return runtime
+
+
+def _to_backend(arr, model: LoadedModel):
+    return _ops(model.backend).to_backend(arr, model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. decode and the whole thing
+
+def decode(vae: LoadedModel, latent):
+    """Native latent -> float32 numpy images [B, H, W, 3] in 0..1 (ComfyUI's IMAGE layout)."""
+    images = vae.module.decode(_to_backend(latent, vae))
+    return _ops(vae.backend).to_numpy(images).transpose(0, 2, 3, 1)
+
+
+def preview(latent, family: str):
+    """A cheap RGB preview [h, w, 3] of a native latent (no VAE): the mean of channel groups, for step previews."""
+    arr = np.asarray(latent[0], dtype=np.float32)
+    if family == "klein":  # 128 = 32 VAE channels x 2x2; take three channel groups
+        arr = arr.reshape(32, 4, *arr.shape[1:]).mean(1)
+    rgb = np.stack([arr[i::3].mean(0) for i in range(3)], -1)
+    lo, hi = np.percentile(rgb, 1), np.percentile(rgb, 99)
+    return np.clip((rgb - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+@dataclass
+class Generation:
+    images: np.ndarray          # [B, H, W, 3] 0..1
+    latent: object              # native layout
+    seed: int
+    params: dict
+
+
+def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedModel, prompt: str, *,
+             negative_prompt: str = "", width: int | None = None, height: int | None = None,
+             steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 1,
+             references=(), init_image=None, strength: float = 1.0, noise=None,
+             callback=None, interrupt=None) -> Generation:
+    variant = transformer.variant
+    check_pair(transformer, vae)
+    if references and variant.family != "klein":
+        raise ConfigError("reference images are a FLUX.2 klein feature; for Z-Image use an init image (img2img)")
+    if init_image is not None and variant.family != "zimage":
+        raise ConfigError("init-image/strength (img2img) is supported for Z-Image; for klein pass --reference images")
+    prompts = [prompt] * batch_size
+    cond = encode_prompt(text_encoder, prompts, variant.text_mode)
+    g = variant.guidance if guidance is None else guidance
+    uncond = None
+    if schedule.uses_cfg(variant.family, g, variant.distilled):
+        uncond = encode_prompt(text_encoder, [negative_prompt] * batch_size, variant.text_mode)
+    for ref in references:
+        lat = encode_reference(vae, ref)
+        cond = cond.with_reference(lat)
+        if width is None or height is None:  # diffusers: the output size defaults to the first reference's
+            width = width or int(lat.shape[-1]) * 16
+            height = height or int(lat.shape[-2]) * 16
+    init_latent = None
+    if init_image is not None:
+        pil = to_pil(init_image)
+        width = width or pil.size[0] // 16 * 16
+        height = height or pil.size[1] // 16 * 16
+        pil = pil.resize((width, height), _lanczos()) if pil.size != (width, height) else pil
+        init_latent = encode_image(vae, (np.asarray(pil, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None])
+    width = width or 1024
+    height = height or 1024
+    if uncond is not None and cond.refs:
+        uncond = Conditioning(uncond.mode, uncond.embeds, uncond.prompts, cond.refs)
+    res = sample(transformer, cond, uncond, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
+                 noise=noise, init_latent=init_latent, strength=strength, callback=callback, interrupt=interrupt)
+    images = decode(vae, res.latent)
+    params = {"model": variant.name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": res.seed,
+              "steps": res.steps, "guidance": res.guidance, "width": width, "height": height,
+              "references": len(references), "strength": strength if init_image is not None else None,
+              "backend": transformer.backend, "dtype": transformer.dtype}
+    return Generation(images, res.latent, res.seed, params)
+
+
+def _lanczos():
+    from PIL import Image
+
+    return Image.Resampling.LANCZOS

@@ -1,0 +1,115 @@
+"""The torch side of the sampler: the per-family denoiser closures and array conversions.
+
+A denoiser maps (latent x [B, C, h, w] float32, model time t) to the velocity v = noise − x0 in float32, hiding each
+family's conventions (klein: packed tokens, reference tokens, t = σ; Z-Image: t = 1 − σ, negated output) so that
+`pipeline.euler` is one loop for both. Position ids and RoPE tables are built once per generation, not per step.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import schedule
+
+
+def to_backend(arr, model):
+    dev = model.device
+    if isinstance(arr, torch.Tensor):
+        return arr.to(dev)
+    return torch.as_tensor(np.asarray(arr), device=dev)
+
+
+def to_numpy(t) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def step_done(x):
+    return x
+
+
+def initial_latent(noise, init_latent, sigma, model):
+    x = to_backend(noise, model).float()
+    if init_latent is not None:
+        # flow-matching forward process at σ_start (diffusers FlowMatchEulerDiscreteScheduler.scale_noise)
+        s = float(np.float32(sigma))
+        x = s * x + (1.0 - s) * to_backend(init_latent, model).float()
+    return x
+
+
+def make_denoiser(model, cond, uncond, guidance: float, batch: int, h: int, w: int):
+    if model.family == "klein":
+        return _klein_denoiser(model.module, cond, uncond, guidance, batch, h, w)
+    return _zimage_denoiser(model.module, cond, uncond, guidance, batch)
+
+
+def pack(x):
+    """[B, C, h, w] -> [B, h·w, C] (row-major tokens, diffusers `_pack_latents`)."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h * w).permute(0, 2, 1)
+
+
+def unpack(tokens, h: int, w: int):
+    b, n, c = tokens.shape
+    return tokens.permute(0, 2, 1).reshape(b, c, h, w)
+
+
+def _klein_denoiser(net, cond, uncond, guidance, batch, h, w):
+    from .klein import position_ids, text_ids
+
+    p = next(net.parameters())
+    dev, dt = p.device, p.dtype
+    ids = [position_ids(h, w)]
+    refs = []
+    for i, ref in enumerate(cond.refs):  # reference i: t = 10·(i+1), h/w restart at 0 (REFERENCE §1.4)
+        ref = ref.to(dev)
+        ids.append(position_ids(ref.shape[-2], ref.shape[-1], t=10 * (i + 1)))
+        refs.append(pack(ref.float()))
+    img_ids = torch.cat(ids, 0).to(dev)[None].expand(batch, -1, -1)
+    ref_tokens = torch.cat(refs, 1).expand(batch, -1, -1) if refs else None
+    txt = cond.embeds.to(dev, dt)
+    txt_ids = text_ids(txt.shape[1]).to(dev)[None].expand(batch, -1, -1)
+    pe = net.make_pe(img_ids, txt_ids)
+    neg = uncond.embeds.to(dev, dt) if uncond is not None else None
+    if neg is not None and neg.shape[1] != txt.shape[1]:
+        raise ValueError("positive and negative klein conditionings must have the same token count (512)")
+    n_noise = h * w
+
+    @torch.inference_mode()
+    def denoise(x, t):
+        tokens = pack(x)
+        if ref_tokens is not None:
+            tokens = torch.cat([tokens, ref_tokens], 1)
+        tokens = tokens.to(dt)
+        ts = torch.full((batch,), float(t), dtype=torch.float32, device=dev)  # sigma stays float32 (see klein.py)
+        v = net(tokens, img_ids, txt, txt_ids, ts, pe=pe)[:, :n_noise].float()
+        if neg is not None:
+            v_neg = net(tokens, img_ids, neg, txt_ids, ts, pe=pe)[:, :n_noise].float()
+            v = schedule.cfg_combine(v, v_neg, guidance, "klein")
+        return unpack(v, h, w)
+
+    return denoise
+
+
+def _zimage_denoiser(net, cond, uncond, guidance, batch):
+    p = next(net.parameters())
+    dev, dt = p.device, p.dtype
+    caps = [c.to(dev, dt) for c in cond.embeds]
+    negs = [c.to(dev, dt) for c in uncond.embeds] if uncond is not None else None
+    rope_pos = rope_neg = None
+
+    @torch.inference_mode()
+    def denoise(x, t):
+        nonlocal rope_pos, rope_neg
+        xin = x.to(dt)
+        ts = torch.full((batch,), float(t), dtype=torch.float32, device=dev)
+        if rope_pos is None:  # built on the first step, reused after (depends only on sizes)
+            rope_pos = net.make_rope([c.shape[0] for c in caps], x.shape[-2], x.shape[-1], device=dev)
+            if negs is not None:
+                rope_neg = net.make_rope([c.shape[0] for c in negs], x.shape[-2], x.shape[-1], device=dev)
+        out = net(xin, ts, caps, rope_cache=rope_pos).float()
+        if negs is not None:
+            out_neg = net(xin, ts, negs, rope_cache=rope_neg).float()
+            out = schedule.cfg_combine(out, out_neg, guidance, "zimage")
+        return -out  # Z-Image predicts x0 − noise (REFERENCE §0.6)
+
+    return denoise
