@@ -24,18 +24,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 P = argparse.ArgumentParser()
-P.add_argument("--model", choices=["klein", "zimage"], default="klein")
+P.add_argument("--model", choices=["klein", "zimage", "qwen3", "vae"], default="klein")
 P.add_argument("--sizes", default="1024,512")
 P.add_argument("--ref", action="store_true", help="klein: also time 1024² with one 1024² reference image")
 P.add_argument("--reps", type=int, default=15)
 P.add_argument("--warmup", type=int, default=3)
 P.add_argument("--compile", action="store_true", help="also time torch.compile(ours) (regional: each block)")
 P.add_argument("--tiny", action="store_true")
+P.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
 P.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
 A = P.parse_args()
 
 DEV = torch.device("cuda" if torch.cuda.is_available() and not A.tiny else "cpu")
-DT = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+DT = getattr(torch, A.dtype) if DEV.type == "cuda" else torch.float32
 T0 = time.time()
 ROWS = []
 
@@ -198,13 +199,87 @@ def bench_zimage():
         log(json.dumps(row))
 
 
+def bench_qwen3():
+    """Qwen3-4B encoder, 512 tokens (64 real + 448 pad): transformers' full forward with output_hidden_states (as the
+    klein pipeline calls it) beside ours, which stops after the deepest needed layer (27 klein, 35 both)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from flux_core.torch.qwen3 import load_qwen3
+    from flux_core.weights.io import Checkpoint
+
+    cfg = (dict(vocab_size=261, hidden_size=32, intermediate_size=64, num_hidden_layers=28, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16) if A.tiny else
+           dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128))
+    with torch.device(DEV):  # not meta: the rotary inv_freq buffer is computed at construction
+        ref = Qwen3ForCausalLM(Qwen3Config(rope_theta=1e6, tie_word_embeddings=True, **cfg)).to(DT)
+    sd = {k: v for k, v in random_like(ref).items() if k != "lm_head.weight"}
+    ref.load_state_dict(sd, strict=False)
+    ref.tie_weights()
+    ref.eval()
+    n = cfg["num_hidden_layers"]
+    g = torch.Generator(DEV).manual_seed(1)
+    ids = torch.randint(0, 200, (1, 512), generator=g, device=DEV)
+    mask = torch.zeros(1, 512, dtype=torch.long, device=DEV)
+    mask[:, :64] = 1
+    with torch.inference_mode():
+        f_ref = lambda: ref(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        want = f_ref()
+        for tag, layers in (("klein (27 layers)", (9, 18, 27)), ("klein+zimage (35 layers)", (9, 18, 27, n - 1))):
+            ours = load_qwen3(Checkpoint(sd), dtype=DT, device=DEV, max_layers=max(layers)).eval()
+            f_ours = lambda: ours(ids, mask, output_layers=layers)
+            got = f_ours()
+            diff = max(rel(a, want[k]) for a, k in zip(got, layers))
+            row = {"model": "qwen3-4b", "case": tag, "tokens": 512, "transformers_ms": timeit(f_ref),
+                   "ours_ms": timeit(f_ours), "rel_diff_vs_transformers": diff}
+            ROWS.append(row)
+            log(json.dumps(row))
+            del ours
+
+
+def bench_vae():
+    """VAE decode at 1024² (and FLUX.2 encode): diffusers AutoencoderKLFlux2 beside ours, same weights."""
+    from diffusers import AutoencoderKLFlux2
+
+    from flux_core.torch.vae import load_vae
+    from flux_core.weights.io import Checkpoint
+    from flux_core.weights.vae import to_native
+
+    kw = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4) if A.tiny else {}
+    with torch.device("meta"):
+        ref = AutoencoderKLFlux2(**kw)
+    sd = random_like(ref)
+    sd = {k: (v.abs() + 0.5 if k.endswith("running_var") else v) for k, v in sd.items()}
+    sd = {k: (v.float() if k.startswith("bn.") else v) for k, v in sd.items()}
+    ref.load_state_dict(sd, assign=True)
+    ref.eval()
+    ours = load_vae(Checkpoint(to_native(sd), config={"norm_num_groups": 4} if A.tiny else None), dtype=DT, device=DEV)
+    size = 64 if A.tiny else 1024
+    g = torch.Generator(DEV).manual_seed(1)
+    z = torch.randn(1, ref.config.latent_channels, size // 8, size // 8, generator=g, device=DEV).to(DT)
+    img = torch.rand(1, 3, size, size, generator=g, device=DEV).to(DT)
+    with torch.inference_mode():
+        f_ref = lambda: ref.decode(z, return_dict=False)[0]
+        f_ours = lambda: ours.decoder(z)
+        row = {"model": "flux2-vae", "case": f"decode {size}²", "diffusers_ms": timeit(f_ref), "ours_ms": timeit(f_ours),
+               "rel_diff_vs_diffusers": rel(f_ours(), f_ref())}
+        ROWS.append(row)
+        log(json.dumps(row))
+        f_ref_e = lambda: ref.encode(img * 2 - 1).latent_dist.mode()
+        f_ours_e = lambda: ours.encode(img)
+        row = {"model": "flux2-vae", "case": f"encode {size}²", "diffusers_ms": timeit(f_ref_e),
+               "ours_ms": timeit(f_ours_e)}
+        ROWS.append(row)
+        log(json.dumps(row))
+
+
 def main():
     os.makedirs(A.out, exist_ok=True)
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu",
            "dtype": str(DT)}
     log(json.dumps(env))
     try:
-        (bench_klein if A.model == "klein" else bench_zimage)()
+        {"klein": bench_klein, "zimage": bench_zimage, "qwen3": bench_qwen3, "vae": bench_vae}[A.model]()
     finally:
         with open(os.path.join(A.out, f"dit_{A.model}.json"), "w") as f:
             json.dump({"env": env, "rows": ROWS}, f, indent=1)
