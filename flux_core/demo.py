@@ -39,7 +39,7 @@ FILES = {
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / Qwen byte-level alphabet: each byte as a printable character."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars, n = keep[:], 0
@@ -55,7 +55,7 @@ def write_byte_tokenizer(folder: Path) -> Path:
     """A Qwen-format tokenizer (vocab.json, merges.txt, added_tokens.json) over the 256 bytes + 5 specials (ids 256..260)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = {sym: b for b, sym in sorted(_bytes_to_unicode().items())}
+    vocab = {sym: b for b, sym in sorted(bytes_to_unicode().items())}
     added = {str(256 + i): {"content": t, "special": t.startswith("<|")} for i, t in enumerate(SPECIALS)}
     vocab.update({t: 256 + i for i, t in enumerate(SPECIALS)})
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))

@@ -98,18 +98,7 @@ def save_tiny_qwen3(tmpdir, layout: str, model) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ tokenizers
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 byte-level alphabet: printable bytes map to themselves, the rest to code points from 256 up."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    out, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
+from flux_core.demo import bytes_to_unicode  # noqa: E402  (the GPT-2 byte alphabet, shared with the demo tokenizer)
 
 
 def tiny_vocab() -> dict[str, int]:
