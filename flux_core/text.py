@@ -325,12 +325,14 @@ class TextEncoder:
         if self.model is None:
             raise ConfigError("this text encoder was released; load it again to encode new prompts")
         width = pad_to or max(len(x) for x in ids)
-        dev = next(self.model.parameters()).device
         input_ids = torch.full((len(ids), width), self.tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for b, x in enumerate(ids):
             input_ids[b, :len(x)] = torch.tensor(x, dtype=torch.long)
             mask[b, :len(x)] = 1
+        if hasattr(self.model, "forward_torch"):  # an MLX encoder: torch CPU tensors in and out
+            return self.model.forward_torch(input_ids, mask, output_layers=layers)
+        dev = next(self.model.parameters()).device
         with torch.inference_mode():
             return self.model(input_ids.to(dev), mask.to(dev), output_layers=layers)
 
