@@ -235,8 +235,8 @@ def decode(vae: LoadedModel, latent):
 def preview(latent, family: str):
     """A cheap RGB preview [h, w, 3] of a native latent (no VAE): the mean of channel groups, for step previews."""
     arr = np.asarray(latent[0], dtype=np.float32)
-    if family == "klein":  # 128 = 32 VAE channels x 2x2; take three channel groups
-        arr = arr.reshape(32, 4, *arr.shape[1:]).mean(1)
+    if family == "klein":  # 4·zc channels = zc VAE channels x 2x2 patch (c·4 + ph·2 + pw): average each patch
+        arr = arr.reshape(-1, 4, *arr.shape[1:]).mean(1)
     rgb = np.stack([arr[i::3].mean(0) for i in range(3)], -1)
     lo, hi = np.percentile(rgb, 1), np.percentile(rgb, 99)
     return np.clip((rgb - lo) / max(hi - lo, 1e-6), 0, 1)

@@ -1,0 +1,119 @@
+"""What the FluxCore nodes share: socket types, model handles, the badge payload, and ComfyUI's LATENT convention.
+
+Model handles: a loader node outputs a small `ModelRef` (the file and the load arguments plus what was decided),
+never the loaded model. Consumers call `ref.load()`, which is a cache hit in `flux_core.models` (keyed by file,
+backend, dtype, quantization). So the model lives in the library's cache only (HOUSE_STYLE 8): when ComfyUI
+unloads models (/free, OOM) and we release that cache, nothing in ComfyUI's node-output cache keeps the weights
+alive, and the next run simply reloads them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flux_core import backend as fc_backend
+
+CATEGORY = "FluxCore"
+MODEL = "FLUXCORE_MODEL"
+TEXT_ENCODER = "FLUXCORE_TEXT_ENCODER"
+VAE = "FLUXCORE_VAE"
+CONDITIONING = "FLUXCORE_CONDITIONING"
+
+BACKEND_OPTIONS = list(fc_backend.BACKENDS)
+DTYPE_OPTIONS = list(fc_backend.DTYPES)
+QUANT_OPTIONS = list(fc_backend.QUANTIZATIONS)
+
+BACKEND_TIP = ("auto: MLX on Apple Silicon when mlx is installed, else torch on CUDA, MPS or CPU. "
+               "mlx / torch: force one (an error says what is missing).")
+DTYPE_TIP = "auto: bfloat16 on GPUs and MLX, float32 on a CPU (where bf16 is slow). The badge shows the choice."
+QUANT_TIP = ("Quantize the weights at load time (none | int8 | int4 | fp8 where the backend supports it). "
+             "Files that are already fp8 load either way.")
+
+# ComfyUI's LATENT for the FLUX.1 VAE family (Z-Image) is the raw VAE mean; the model applies (x - shift) * scale
+# itself (comfy/latent_formats.py class Flux: scale_factor 0.3611, shift_factor 0.1159). flux_core's native
+# Z-Image latent is already normalised, so we convert at the LATENT boundary. FLUX.2 latents are normalised by
+# the VAE's batch-norm in both (latent_formats.Flux2 process_in/out are identity): no conversion for klein.
+COMFY_FLUX1_SCALE = 0.3611
+COMFY_FLUX1_SHIFT = 0.1159
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A loaded model's address in the flux_core cache plus what was decided when it was loaded."""
+    kind: str                          # "transformer" | "text_encoder" | "vae"
+    path: str
+    backend: str                       # as asked: auto | mlx | torch
+    dtype: str                         # as asked
+    quantization: str = "none"
+    distilled: bool | None = None      # transformer: the variant choice (None = from the file)
+    tokenizer: str | None = None       # text encoder
+    tokenizer_search: tuple = ()
+    family: str | None = None          # transformer: "klein" | "zimage"; vae: "flux2" | "flux1"
+    variant: object = None             # flux_core.variants.Variant (transformer)
+    summary: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def load(self):
+        from flux_core import models
+
+        if self.kind == "transformer":
+            return models.load_transformer(self.path, self.backend, None, self.dtype, self.quantization,
+                                           self.distilled)
+        if self.kind == "text_encoder":
+            return models.load_text_encoder(self.path, self.tokenizer, self.backend, None, self.dtype,
+                                            self.quantization, tokenizer_search=self.tokenizer_search)
+        return models.load_vae(self.path, self.backend, None, self.dtype)
+
+
+def describe(loaded, extra: str = "") -> dict:
+    """The badge payload for the JS extension: a short line plus the reasons behind each choice."""
+    parts = [f"{loaded.backend}:{loaded.device}", loaded.dtype]
+    if loaded.quantization != "none":
+        parts.append(loaded.quantization)
+    if loaded.variant is not None:
+        parts.append(loaded.variant.name)
+    if extra:
+        parts.append(extra)
+    return {"badge": " · ".join(parts), "details": list(loaded.notes)}
+
+
+def ui(payload: dict, result: tuple) -> dict:
+    """Node return value with the badge under our own UI key (values must be lists: ComfyUI merges them)."""
+    return {"ui": {"fluxcore": [payload]}, "result": result}
+
+
+# ------------------------------------------------------------------------------------------------------- LATENT
+def to_comfy_latent(latent, family: str) -> dict:
+    """flux_core native latent (any backend) -> ComfyUI LATENT dict on the CPU, float32."""
+    samples = to_cpu_tensor(latent)
+    if family in ("zimage", "flux1"):
+        samples = samples / COMFY_FLUX1_SCALE + COMFY_FLUX1_SHIFT
+        return {"samples": samples, "downscale_ratio_spacial": 8}
+    return {"samples": samples}
+
+
+def from_comfy_latent(latent: dict, family: str):
+    """ComfyUI LATENT dict -> flux_core native layout (float32 torch tensor on the CPU). Never mutates the dict."""
+    samples = to_cpu_tensor(latent["samples"])
+    if family in ("zimage", "flux1"):
+        samples = (samples - COMFY_FLUX1_SHIFT) * COMFY_FLUX1_SCALE
+    return samples
+
+
+def to_cpu_tensor(x):
+    import numpy as np
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float32)
+    return torch.from_numpy(np.array(x, dtype=np.float32))  # MLX arrays and numpy go through numpy
+
+
+def check_latent_channels(samples, expected: int, what: str) -> None:
+    from flux_core.errors import ConfigError
+
+    if samples.ndim != 4 or samples.shape[1] != expected:
+        got = tuple(samples.shape)
+        hint = {16: "a Z-Image / FLUX.1 latent", 128: "a FLUX.2 klein latent"}.get(got[1] if len(got) > 1 else 0,
+                                                                                  "another model's latent")
+        raise ConfigError(f"{what}: this LATENT has shape {got} ({hint}) but {expected} channels are needed. "
+                          "Use the VAE and model of one family: klein with flux2-vae.safetensors, Z-Image with "
+                          "ae.safetensors.")

@@ -1,0 +1,125 @@
+"""Every shipped workflow (UI format in workflows/, API format in workflows/api/) checked against the node
+definitions, and each API workflow run through the nodes in-process on tiny checkpoints under the standard names."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_harness import (NATIVE_STANDINS, check_api_workflow, check_ui_workflow, load_workflows, object_info,
+                           run_api_workflow, ui_to_api)
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = load_workflows(ROOT / "workflows")
+NAMES = sorted(WORKFLOWS)
+EXPECTED = {"fluxcore_klein_text_to_image", "fluxcore_klein_edit", "fluxcore_klein_multi_reference",
+            "fluxcore_klein_base_cfg", "fluxcore_zimage_turbo_text_to_image"}
+STANDARD_FILES = {"flux-2-klein-4b.safetensors", "flux-2-klein-base-4b.safetensors", "qwen_3_4b.safetensors",
+                  "flux2-vae.safetensors", "z_image_turbo_bf16.safetensors", "ae.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def info(tmp_path_factory):
+    """Node definitions as /object_info would give them, with the tiny checkpoints under the standard names
+    (so the loaders' file combos list exactly what a user who followed docs/COMFYUI.md has)."""
+    import nodes
+    from flux_core.demo import write_demo_checkpoints
+    from nodes import host
+
+    paths = write_demo_checkpoints(tmp_path_factory.mktemp("models"))
+    host.set_model_roots([paths["klein"].parents[1]])
+    yield object_info(nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    host.set_model_roots([])
+
+
+def test_the_five_workflows_ship_with_api_twins():
+    assert set(NAMES) == EXPECTED
+    for name in NAMES:
+        assert WORKFLOWS[name][1] is not None, f"workflows/api/{name}.json is missing"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_is_valid(name, info):
+    ui, _ = WORKFLOWS[name]
+    assert check_ui_workflow(ui, info) == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_is_valid_and_twin_of_ui(name, info):
+    ui, api = WORKFLOWS[name]
+    assert check_api_workflow(api, info) == []
+    strip = lambda g: {k: (v["class_type"], v["inputs"]) for k, v in g.items()}  # noqa: E731
+    assert strip(api) == strip(ui_to_api(ui, info)), "the API twin is not the UI file's Export (API)"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loaders_name_standard_files_with_download_addresses(name, info):
+    ui, _ = WORKFLOWS[name]
+    models = [m for n in ui["nodes"] for m in n.get("properties", {}).get("models", [])]
+    loaders = [n for n in ui["nodes"] if n["type"].startswith("FluxCore") and n["type"].endswith("Loader")]
+    assert len(loaders) == 3 and all(n.get("properties", {}).get("models") for n in loaders)
+    assert {m["name"] for m in models} <= STANDARD_FILES
+    for m in models:
+        assert m["url"].startswith("https://huggingface.co/Comfy-Org/") and "/resolve/main/" in m["url"]
+
+
+def test_checker_catches_broken_workflows(info):
+    ui, api = WORKFLOWS["fluxcore_klein_edit"]
+    bad = copy.deepcopy(ui)
+    sampler = next(n for n in bad["nodes"] if n["type"] == "FluxCoreSampler")
+    sampler["widgets_values"][1] = "sometimes"                       # control_after_generate value
+    sampler["widgets_values"][4] = 8193                               # width above max
+    loader = next(n for n in bad["nodes"] if n["type"] == "FluxCoreKleinModelLoader")
+    loader["widgets_values"][0] = "flux-2-klein-9b.safetensors"       # a file the user does not have
+    bad["links"][0][5] = "IMAGE"                                      # link type
+    encode = next(n for n in bad["nodes"] if n["type"] == "FluxCoreReferenceImageEncode")
+    encode["widgets_values"] = []                                     # widget count
+    problems = " | ".join(check_ui_workflow(bad, info))
+    for needle in ("control_after_generate value 'sometimes'", "width: 8193 > max", "flux-2-klein-9b", "IMAGE",
+                   "0 widgets_values for 1 widget slots", "is not the file the node's widget picks"):
+        assert needle in problems, (needle, problems)
+    bad_api = copy.deepcopy(api)
+    sampler_id = next(k for k, v in bad_api.items() if v["class_type"] == "FluxCoreSampler")
+    bad_api[sampler_id]["inputs"]["positive"] = [next(k for k, v in bad_api.items()
+                                                      if v["class_type"] == "LoadImage"), 0]
+    del bad_api[sampler_id]["inputs"]["model"]
+    bad_api[sampler_id]["inputs"]["steps"] = -3
+    problems = " | ".join(check_api_workflow(bad_api, info))
+    for needle in ("positive gets IMAGE", "required input model missing", "steps: -3 < min 0"):
+        assert needle in problems, (needle, problems)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_runs_in_process(name, info):
+    """The graph as ComfyUI would execute it, on tiny checkpoints; sizes shrunk to 64 px (0 = from the reference),
+    and klein base's 50 default steps cut to 4 (each CFG step is two forwards over 512 text tokens)."""
+    _, api = WORKFLOWS[name]
+    api = copy.deepcopy(api)
+    for node in api.values():
+        for key in ("width", "height"):
+            if node["inputs"].get(key):
+                node["inputs"][key] = 64
+        if node["class_type"] == "FluxCoreSampler" and name == "fluxcore_klein_base_cfg":
+            node["inputs"]["steps"] = 4
+    NATIVE_STANDINS["SaveImage"].SAVED.clear()
+    out = run_api_workflow(api, __import__("nodes").NODE_CLASS_MAPPINGS)
+    saved = NATIVE_STANDINS["SaveImage"].SAVED
+    assert len(saved) == 1
+    prefix, images = saved[0]
+    assert prefix.startswith("fluxcore_") and images.shape[0] == 1 and images.shape[-1] == 3
+    if "edit" in name or "multi" in name:
+        assert tuple(images.shape[1:3]) == (96, 80)  # the stand-in reference image's size, as diffusers does
+    else:
+        assert tuple(images.shape[1:3]) == (64, 64)
+    badges = {api[k]["class_type"]: v["ui"]["fluxcore"][0]["badge"] for k, v in out.items() if "fluxcore" in v["ui"]}
+    sampler_badge = badges["FluxCoreSampler"]
+    if name == "fluxcore_klein_base_cfg":
+        assert "50 steps" in badges["FluxCoreKleinModelLoader"]  # the variant's default, shown by the loader
+        assert "4 steps" in sampler_badge and "cfg 4" in sampler_badge
+    elif "zimage" in name:
+        assert "zimage-turbo" in sampler_badge and "8 steps" in sampler_badge and "no cfg" in sampler_badge
+    else:
+        assert "4 steps" in sampler_badge and "no cfg" in sampler_badge
+    assert torch.isfinite(images).all()
