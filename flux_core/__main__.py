@@ -47,6 +47,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     p.add_argument("--output", default="out.png", help="PNG path; with --batch-size > 1, _1, _2 ... are added")
     p.add_argument("--output-latent", help="also save the final latent (safetensors, key 'latent', native layout)")
+    p.add_argument("--release-text-encoder", choices=["auto", "yes", "no"], default="auto",
+                   help="free the text encoder after encoding (auto: on devices with less than 32 GB)")
     p.add_argument("--verbose", "-v", action="store_true")
 
 
@@ -88,7 +90,8 @@ def run_generate(args) -> list[Path]:
     gen = pipeline.generate(transformer, text_encoder, vae, args.prompt, negative_prompt=args.negative_prompt,
                             width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
                             seed=seed, batch_size=args.batch_size, references=refs, init_image=init,
-                            strength=args.strength if init is not None else 1.0, callback=progress)
+                            strength=args.strength if init is not None else 1.0, callback=progress,
+                            release_text_encoder={"auto": None, "yes": True, "no": False}[args.release_text_encoder])
     log.info("generation took %.2f s", time.perf_counter() - t1)
     gen.params.update({"model_file": Path(model_path).name, "text_encoder_file": Path(te_path).name,
                        "vae_file": Path(vae_path).name})

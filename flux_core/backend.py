@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -168,6 +169,22 @@ def load_vae(choice: Choice, ckpt, dtype: str):
     from .torch.vae import load_vae as load
 
     return load(ckpt, dtype=torch_dtype(dtype), device=choice.device).eval()
+
+
+def device_memory_gb(backend: str, device: str) -> float:
+    """Memory of the device a model runs on: GPU memory for CUDA, system (unified) memory otherwise."""
+    if backend == "torch" and device.startswith("cuda"):
+        import torch
+
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        return torch.cuda.get_device_properties(idx).total_memory / 2**30
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
+LOW_MEMORY_GB = 32.0  # flux.c / mflux release the 8 GB text encoder after encoding below this
 
 
 def empty_cache() -> None:

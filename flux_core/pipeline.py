@@ -254,7 +254,12 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
              negative_prompt: str = "", width: int | None = None, height: int | None = None,
              steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 1,
              references=(), init_image=None, strength: float = 1.0, noise=None,
-             callback=None, interrupt=None) -> Generation:
+             callback=None, interrupt=None, release_text_encoder: bool | None = None) -> Generation:
+    """The whole job. `release_text_encoder`: drop the text encoder from memory once the prompts are encoded
+    (None = automatically on devices with less than 32 GB, as flux.c and mflux do)."""
+    from . import backend as backends
+    from .models import release
+
     variant = transformer.variant
     check_pair(transformer, vae)
     if references and variant.family != "klein":
@@ -267,6 +272,12 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
     uncond = None
     if schedule.uses_cfg(variant.family, g, variant.distilled):
         uncond = encode_prompt(text_encoder, [negative_prompt] * batch_size, variant.text_mode)
+    if release_text_encoder is None:
+        release_text_encoder = backends.device_memory_gb(text_encoder.backend, text_encoder.device) < backends.LOW_MEMORY_GB
+    if release_text_encoder:
+        log.info("fluxcore: releasing the text encoder after encoding (low-memory device or asked)")
+        release(text_encoder)
+        text_encoder.module.release()
     for ref in references:
         lat = encode_reference(vae, ref)
         cond = cond.with_reference(lat)
@@ -287,6 +298,8 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
     res = sample(transformer, cond, uncond, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
                  noise=noise, init_latent=init_latent, strength=strength, callback=callback, interrupt=interrupt)
     images = decode(vae, res.latent)
+    if transformer.backend == "mlx":
+        backends.empty_cache()  # MLX keeps freed buffers in its cache until told; clear between generations
     params = {"model": variant.name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": res.seed,
               "steps": res.steps, "guidance": res.guidance, "width": width, "height": height,
               "references": len(references), "strength": strength if init_image is not None else None,

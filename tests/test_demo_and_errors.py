@@ -102,3 +102,13 @@ def test_reference_preparation_matches_diffusers_rules():
     assert h % 16 == 0 and w % 16 == 0 and h * w <= 1024 * 1024 and w > h
     kept = pipeline.prepare_reference(big, keep_size=True)
     assert kept.shape[-2:] == (1088, 1488)  # centre crop to a multiple of 16, no area cap
+
+
+def test_text_encoder_release_frees_it_and_a_new_load_works(demo):
+    tr, te, vae = _load(demo)
+    gen = pipeline.generate(tr, te, vae, "a cat", width=64, height=64, seed=2, release_text_encoder=True)
+    assert te.module.model is None and te not in models.cached_models()
+    te2 = models.load_text_encoder(demo["text_encoder"], str(demo["tokenizer"]), backend="torch", device="cpu")
+    assert te2 is not te and te2.module.model is not None
+    again = pipeline.generate(tr, te2, vae, "a cat", width=64, height=64, seed=2, release_text_encoder=False)
+    assert np.array_equal(gen.images, again.images) and te2 in models.cached_models()
