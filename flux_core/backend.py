@@ -152,7 +152,7 @@ def load_text_encoder(choice: Choice, ckpt, dtype: str, quantization: str, token
     if choice.backend == "mlx":
         from .mlx import loaders
 
-        model = loaders.load_qwen3(ckpt, dtype)
+        model = loaders.load_qwen3(ckpt, dtype, max_layers=max_layers)
     else:
         from .torch.qwen3 import load_qwen3
 
