@@ -234,7 +234,6 @@ def bench_qwen3():
                    "ours_ms": timeit(f_ours), "rel_diff_vs_transformers": diff}
             ROWS.append(row)
             log(json.dumps(row))
-            del ours
 
 
 def bench_vae():
@@ -283,7 +282,6 @@ def main():
     finally:
         with open(os.path.join(A.out, f"dit_{A.model}.json"), "w") as f:
             json.dump({"env": env, "rows": ROWS}, f, indent=1)
-        del_models = None  # noqa: F841
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ backend against float32 (measured hs[9] / hs[27]: MLX 1.9e-2 / 3.7e-2, torch 2.5
 1.8e-2 / 3.1e-2). So bf16 is checked as "bit-identical weights, and MLX bf16 within 2x of torch bf16's own distance
 to the float32 truth"; a 2e-3 bound between the two bf16 runs would need bit-identical kernels.
 """
-import inspect
 
 import numpy as np
 import pytest
@@ -31,9 +30,6 @@ LAYERS = (0, 1, 9, 18, 27, -2, -1)  # embeddings, raw layer outputs (klein taps,
 PROMPTS = ["a red fox in the snow, 35mm photo", "", "Ünïcödé façade — 日本の猫 😀\nnew line"]
 LONG = "a very long prompt about many things " * 20  # > 512 tokens with the byte-level tiny vocabulary
 
-TEXT_ROUTES_MLX = "forward_torch" in inspect.getsource(TextEncoder)
-needs_text_route = pytest.mark.skipif(
-    not TEXT_ROUTES_MLX, reason="flux_core/text.py does not route MLX encoders yet (diff in docs/notes/mlx_enc.md)")
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +194,7 @@ def encoders(torch_model, mlx_model, tokenizer):
             TextEncoder(mlx_model, tokenizer, "tiny|mlx", cache=EmbeddingCache(64)))
 
 
-@needs_text_route
+
 def test_text_encoder_klein_embeddings(encoders):
     ref_enc, enc = encoders
     ours, ref = enc.encode_klein(PROMPTS + [LONG]), ref_enc.encode_klein(PROMPTS + [LONG])
@@ -206,7 +202,7 @@ def test_text_encoder_klein_embeddings(encoders):
     assert rel_err(ours, ref) <= TOL
 
 
-@needs_text_route
+
 def test_text_encoder_zimage_embeddings(encoders):
     ref_enc, enc = encoders
     ours, ref = enc.encode_zimage(PROMPTS + [LONG]), ref_enc.encode_zimage(PROMPTS + [LONG])
@@ -215,7 +211,7 @@ def test_text_encoder_zimage_embeddings(encoders):
     assert max(rel_err(o, r) for o, r in zip(ours, ref)) <= TOL
 
 
-@needs_text_route
+
 def test_text_encoder_both_from_one_pass(encoders):
     ref_enc, enc = encoders
     (k, z), (rk, rz) = enc.encode_both("one pass, two modes"), ref_enc.encode_both("one pass, two modes")

@@ -8,7 +8,7 @@ bf16 weights): bf16 goes through a uint16 view (no float32 copy of a multi-GB mo
 Numerics mirror the torch files op for op where the reference keeps float32 (norm statistics, SiLU, RoPE, timestep
 sinusoid): in bf16 the MLX and torch outputs then differ only by matmul / attention accumulation order.
 
-Pitfalls (docs/notes/mlx.md):
+Pitfalls (docs/NOTES.md, "MLX path"):
   * `np.array(bf16 mx array)` fails (no PEP 3118 bf16): cast to float32 first (`to_numpy`).
   * `np.asarray(mx_array)` is a WRITABLE zero-copy view: never write through it.
   * An mx.array attribute of an `nn.Module` is a parameter: keep RoPE tables and masks out of the modules.
@@ -190,7 +190,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None = Non
     """q, k, v [B, L, H, d] -> [B, L, H*d]; scale 1/sqrt(d); bool mask [B, 1, 1, L] (True = attend) or None.
 
     `mx.fast.scaled_dot_product_attention` accumulates in float32 in its Metal kernel; the Linux CPU fallback rounds
-    the bf16 scores (a known, CPU-only source of bf16 difference: docs/notes/mlx.md)."""
+    the bf16 scores (a known, CPU-only source of bf16 difference: docs/NOTES.md, "MLX path")."""
     B, L, H, d = q.shape
     out = mx.fast.scaled_dot_product_attention(
         q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=1.0 / math.sqrt(d), mask=mask)

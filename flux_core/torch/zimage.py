@@ -11,7 +11,7 @@ Architecture (Z-Image-Turbo, 6.155 B params):
   t*1000 -> 1024 -> 256 ("adaln", = min(dim, 256)). FFN hidden int(3840/3*8) = 10240, SwiGLU w2(silu(w1 x) * w3 x).
   RoPE on 3 axes (t, h, w) = (32, 48, 48) dims, theta 256, interleaved pairs.
 
-Pitfalls (each cost someone an afternoon; see docs/notes/zimage.md):
+Pitfalls (each cost someone an afternoon; see docs/NOTES.md):
   * t is 1 - sigma (not sigma) and the output is ~ x0 - noise: the sampler negates it. Don't "fix" either here.
   * Block modulation is Linear(adaln) with NO SiLU, gates are tanh(.), scales 1 + s, and there are FOUR RMSNorms
     per block (sandwich: norm before and after attention / FFN). The final layer is SiLU -> Linear and gives a
