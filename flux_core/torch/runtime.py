@@ -64,14 +64,17 @@ def _klein_denoiser(net, cond, uncond, guidance, batch, h, w):
         ref = ref.to(dev)
         ids.append(position_ids(ref.shape[-2], ref.shape[-1], t=10 * (i + 1)))
         refs.append(pack(ref.float()))
-    img_ids = torch.cat(ids, 0).to(dev)[None].expand(batch, -1, -1)
+    img_ids = torch.cat(ids, 0).to(dev)[None]
     ref_tokens = torch.cat(refs, 1).expand(batch, -1, -1) if refs else None
     txt = cond.embeds.to(dev, dt)
-    txt_ids = text_ids(txt.shape[1]).to(dev)[None].expand(batch, -1, -1)
-    pe = net.make_pe(img_ids, txt_ids)
-    neg = uncond.embeds.to(dev, dt) if uncond is not None else None
-    if neg is not None and neg.shape[1] != txt.shape[1]:
-        raise ValueError("positive and negative klein conditionings must have the same token count (512)")
+    txt_ids = text_ids(txt.shape[1]).to(dev)[None]
+    pe = net.make_pe(img_ids, txt_ids)  # [1, T+N, d/2, 2]: shared by every row, positive and negative alike
+    if uncond is not None:
+        neg = uncond.embeds.to(dev, dt)
+        if neg.shape[1] != txt.shape[1]:
+            raise ValueError("positive and negative klein conditionings must have the same token count (512)")
+        txt = torch.cat([txt, neg], 0)  # CFG: one forward over [positive; negative] rows
+    rows = txt.shape[0]
     n_noise = h * w
 
     @torch.inference_mode()
@@ -79,12 +82,11 @@ def _klein_denoiser(net, cond, uncond, guidance, batch, h, w):
         tokens = pack(x)
         if ref_tokens is not None:
             tokens = torch.cat([tokens, ref_tokens], 1)
-        tokens = tokens.to(dt)
-        ts = torch.full((batch,), float(t), dtype=torch.float32, device=dev)  # sigma stays float32 (see klein.py)
+        tokens = tokens.to(dt).repeat(rows // batch, 1, 1)
+        ts = torch.full((rows,), float(t), dtype=torch.float32, device=dev)  # sigma stays float32 (see klein.py)
         v = net(tokens, img_ids, txt, txt_ids, ts, pe=pe)[:, :n_noise].float()
-        if neg is not None:
-            v_neg = net(tokens, img_ids, neg, txt_ids, ts, pe=pe)[:, :n_noise].float()
-            v = schedule.cfg_combine(v, v_neg, guidance, "klein")
+        if rows > batch:
+            v = schedule.cfg_combine(v[:batch], v[batch:], guidance, "klein")
         return unpack(v, h, w)
 
     return denoise
@@ -94,22 +96,21 @@ def _zimage_denoiser(net, cond, uncond, guidance, batch):
     p = next(net.parameters())
     dev, dt = p.device, p.dtype
     caps = [c.to(dev, dt) for c in cond.embeds]
-    negs = [c.to(dev, dt) for c in uncond.embeds] if uncond is not None else None
-    rope_pos = rope_neg = None
+    if uncond is not None:  # CFG: one forward over [positive; negative] captions (padded and masked per row)
+        caps += [c.to(dev, dt) for c in uncond.embeds]
+    rows = len(caps)
+    rope = None
 
     @torch.inference_mode()
     def denoise(x, t):
-        nonlocal rope_pos, rope_neg
-        xin = x.to(dt)
-        ts = torch.full((batch,), float(t), dtype=torch.float32, device=dev)
-        if rope_pos is None:  # built on the first step, reused after (depends only on sizes)
-            rope_pos = net.make_rope([c.shape[0] for c in caps], x.shape[-2], x.shape[-1], device=dev)
-            if negs is not None:
-                rope_neg = net.make_rope([c.shape[0] for c in negs], x.shape[-2], x.shape[-1], device=dev)
-        out = net(xin, ts, caps, rope_cache=rope_pos).float()
-        if negs is not None:
-            out_neg = net(xin, ts, negs, rope_cache=rope_neg).float()
-            out = schedule.cfg_combine(out, out_neg, guidance, "zimage")
+        nonlocal rope
+        if rope is None:  # built on the first step, reused after (depends only on sizes)
+            rope = net.make_rope([c.shape[0] for c in caps], x.shape[-2], x.shape[-1], device=dev)
+        xin = x.to(dt).repeat(rows // batch, 1, 1, 1)
+        ts = torch.full((rows,), float(t), dtype=torch.float32, device=dev)
+        out = net(xin, ts, caps, rope_cache=rope).float()
+        if rows > batch:
+            out = schedule.cfg_combine(out[:batch], out[batch:], guidance, "zimage")
         return -out  # Z-Image predicts x0 − noise (REFERENCE §0.6)
 
     return denoise
