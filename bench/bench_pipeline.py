@@ -31,6 +31,7 @@ P.add_argument("--size", type=int, default=1024)
 P.add_argument("--steps", type=int, default=4)
 P.add_argument("--reps", type=int, default=5)
 P.add_argument("--tiny", action="store_true")
+P.add_argument("--compile", action="store_true", help="ours with regional torch.compile (models.load_transformer(compile=True))")
 P.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
 A = P.parse_args()
 DEV = torch.device("cuda" if torch.cuda.is_available() and not A.tiny else "cpu")
@@ -126,6 +127,10 @@ def main():
     refs, sds = build()
     tok_dir = write_byte_tokenizer(Path(tempfile.mkdtemp()) / "tok")
     tr, te, vae = ours_models(sds, tok_dir)
+    if A.compile:
+        from flux_core.backend import Choice, compile_blocks
+
+        tr.notes.append(compile_blocks(tr.module, Choice("torch", str(DEV), "bench")))
     sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                             base_image_seq_len=256, max_image_seq_len=4096,
                                             time_shift_type="exponential")
@@ -163,7 +168,9 @@ def main():
         return time.perf_counter() - t0, stamps, img
 
     with torch.inference_mode():
-        run_diffusers(), run_ours()  # warm-up
+        t = time.perf_counter()
+        run_diffusers(), run_ours()  # warm-up (and, with --compile, the compilation)
+        warm = time.perf_counter() - t
         d_times, o_times, splits = [], [], []
         for _ in range(A.reps):
             d_times.append(run_diffusers()[0])
@@ -176,9 +183,10 @@ def main():
     row = {"device": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu", "size": size, "steps": A.steps,
            "dtype": str(DT), "diffusers_s": statistics.median(d_times), "ours_s": statistics.median(o_times),
            "ours_split_s": {k: statistics.median(s[k] for s in splits) for k in splits[0]},
-           "max_pixel_diff_vs_diffusers": diff}
+           "max_pixel_diff_vs_diffusers": diff,
+           "compiled": A.compile, "warmup_s": warm}
     print(json.dumps(row), flush=True)
-    with open(os.path.join(A.out, f"pipeline_klein_{size}.json"), "w") as f:
+    with open(os.path.join(A.out, f"pipeline_klein_{size}{'_compiled' if A.compile else ''}.json"), "w") as f:
         json.dump(row, f, indent=1)
 
 

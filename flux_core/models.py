@@ -96,8 +96,10 @@ def _resolve(backend: str, device: str | None, dtype: str | None):
 
 
 def load_transformer(path, backend: str = "auto", device: str | None = None, dtype: str | None = None,
-                     quantization: str = "none", distilled: bool | None = None) -> LoadedModel:
-    """A klein or Z-Image transformer from a single file, a transformer/ folder or a diffusers pipeline folder."""
+                     quantization: str = "none", distilled: bool | None = None, compile: bool = False) -> LoadedModel:
+    """A klein or Z-Image transformer from a single file, a transformer/ folder or a diffusers pipeline folder.
+    compile=True (torch): each transformer block is compiled with torch.compile on first use (regional compilation:
+    one block per type compiles once, ~1.4x faster steps on CUDA; the first generation pays the compile)."""
     choice, dt = _resolve(backend, device, dtype)
     backends.check_quantization(quantization, choice)
 
@@ -118,12 +120,14 @@ def load_transformer(path, backend: str = "auto", device: str | None = None, dty
             else:
                 notes.append(f"{'distilled' if flag else 'base'} (from the checkpoint's metadata)")
         module = backends.load_module(choice, family, ckpt, dt, quantization)
+        if compile:
+            notes.append(backends.compile_blocks(module, choice))
         size = klein_size(module.config.hidden_size) if family == "klein" else ""
         variant = make_variant(family, flag, size)
         return LoadedModel("transformer", module, ckpt.source, choice.backend, choice.device, dt, quantization,
                            variant, notes)
 
-    key = _key("transformer", path, choice.backend + choice.device, dt, quantization, (distilled,))
+    key = _key("transformer", path, choice.backend + choice.device, dt, quantization, (distilled, compile))
     return _cached(key, build)
 
 
