@@ -109,7 +109,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         n = self.norm(x)
-        q, k, v = (p(n).reshape(b, 1, c, h * w).transpose(2, 3) for p in (self.q, self.k, self.v))  # [B,1,HW,C]
+        # contiguous [B,1,HW,C]: a transposed view can send SDPA (head dim 512) to its slow math fallback
+        q, k, v = (p(n).reshape(b, 1, c, h * w).transpose(2, 3).contiguous() for p in (self.q, self.k, self.v))
         a = F.scaled_dot_product_attention(q, k, v)                                                 # scale 1/sqrt(C)
         a = a.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(a)
