@@ -45,6 +45,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
     p.add_argument("--device", help="torch: cuda, cuda:1, mps, cpu; mlx: gpu, cpu")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    p.add_argument("--quantization", choices=["none", "int8", "int4", "fp8"], default="none",
+                   help="quantize the transformer's and the text encoder's block weights at load time (MLX fp8: mxfp8)")
     p.add_argument("--output", default="out.png", help="PNG path; with --batch-size > 1, _1, _2 ... are added")
     p.add_argument("--output-latent", help="also save the final latent (safetensors, key 'latent', native layout)")
     p.add_argument("--compile", action="store_true",
@@ -72,9 +74,9 @@ def run_generate(args) -> list[Path]:
     model_path, te_path, vae_path, tok = _components(args)
     distilled = {"auto": None, "distilled": True, "base": False}[args.variant]
     t0 = time.perf_counter()
-    transformer = models.load_transformer(model_path, args.backend, args.device, args.dtype, distilled=distilled,
-                                          compile=args.compile)
-    text_encoder = models.load_text_encoder(te_path, tok, args.backend, args.device, args.dtype)
+    transformer = models.load_transformer(model_path, args.backend, args.device, args.dtype, args.quantization,
+                                          distilled=distilled, compile=args.compile)
+    text_encoder = models.load_text_encoder(te_path, tok, args.backend, args.device, args.dtype, args.quantization)
     vae = models.load_vae(vae_path, args.backend, args.device, args.dtype)
     for m in (transformer, text_encoder, vae):
         log.info("loaded %s (%s)", m.describe(), "; ".join(m.notes))

@@ -112,12 +112,35 @@ def resolve_dtype(dtype: str | None, choice: Choice) -> str:
     return "bfloat16"
 
 
+def supported_quantizations(choice: Choice) -> tuple[str, ...]:
+    """Weight-only quantization applied after loading (torch/quant.py, mlx/quant.py); MLX fp8 needs mxfp8."""
+    if choice.backend == "mlx":
+        from .mlx.quant import supported_modes
+
+        return ("none",) + supported_modes()
+    return QUANTIZATIONS
+
+
 def check_quantization(quantization: str, choice: Choice) -> None:
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"unknown quantization {quantization!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    ok = supported_quantizations(choice)
+    if quantization not in ok:
+        raise ConfigError(f"quantization {quantization!r} is not available on {choice.backend}: choose one of "
+                          f"{', '.join(ok)}")
+
+
+def quantize(choice: Choice, module, quantization: str):
+    """Quantize the block Linears of a loaded transformer / Qwen3 in place (nothing for 'none')."""
     if quantization != "none":
-        raise ConfigError(f"quantization {quantization!r} is not available yet on {choice.backend}; use 'none' "
-                          "(fp8 and other quantized *files* still load: they are dequantized on load).")
+        check_quantization(quantization, choice)
+        if choice.backend == "mlx":
+            from .mlx.quant import quantize_model
+        else:
+            from .torch.quant import quantize_model
+        n = quantize_model(module, quantization)
+        log.info("fluxcore: %s quantized %d Linear layers of %s", quantization, n, type(module).__name__)
+    return module
 
 
 def torch_dtype(name: str):
@@ -130,14 +153,14 @@ def load_module(choice: Choice, family: str, ckpt, dtype: str, quantization: str
     if choice.backend == "mlx":
         from .mlx import loaders
 
-        return loaders.load_transformer(family, ckpt, dtype)
+        return quantize(choice, loaders.load_transformer(family, ckpt, dtype), quantization)
     if family == "klein":
         from .torch.klein import load_klein
 
-        return load_klein(ckpt, dtype=torch_dtype(dtype), device=choice.device).eval()
+        return quantize(choice, load_klein(ckpt, dtype=torch_dtype(dtype), device=choice.device).eval(), quantization)
     from .torch.zimage import load_zimage
 
-    return load_zimage(ckpt, dtype=torch_dtype(dtype), device=choice.device).eval()
+    return quantize(choice, load_zimage(ckpt, dtype=torch_dtype(dtype), device=choice.device).eval(), quantization)
 
 
 def compile_blocks(module, choice: Choice) -> str:
@@ -169,8 +192,9 @@ def load_text_encoder(choice: Choice, ckpt, dtype: str, quantization: str, token
         from .torch.qwen3 import load_qwen3
 
         model = load_qwen3(ckpt, dtype=torch_dtype(dtype), device=choice.device, max_layers=max_layers).eval()
+    quantize(choice, model, quantization)
     # the prompt cache is shared across encoders: a file loaded at two precisions must not share entries
-    return TextEncoder(model, tokenizer, source_id=f"{ckpt.source}|{choice.backend}|{dtype}")
+    return TextEncoder(model, tokenizer, source_id=f"{ckpt.source}|{choice.backend}|{dtype}|{quantization}")
 
 
 def load_vae(choice: Choice, ckpt, dtype: str):
