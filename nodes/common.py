@@ -50,13 +50,14 @@ class ModelRef:
     family: str | None = None          # transformer: "klein" | "zimage"; vae: "flux2" | "flux1"
     variant: object = None             # flux_core.variants.Variant (transformer)
     summary: dict = field(default_factory=dict, compare=False, hash=False)
+    compile: bool = False              # transformer: regional torch.compile
 
     def load(self):
         from flux_core import models
 
         if self.kind == "transformer":
             return models.load_transformer(self.path, self.backend, None, self.dtype, self.quantization,
-                                           self.distilled)
+                                           self.distilled, compile=self.compile)
         if self.kind == "text_encoder":
             return models.load_text_encoder(self.path, self.tokenizer, self.backend, None, self.dtype,
                                             self.quantization, tokenizer_search=self.tokenizer_search)

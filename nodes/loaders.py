@@ -14,6 +14,8 @@ from .common import (BACKEND_OPTIONS, BACKEND_TIP, CATEGORY, DTYPE_OPTIONS, DTYP
                      QUANT_TIP, TEXT_ENCODER, VAE, ModelRef, describe, ui)
 
 _CATEGORY = CATEGORY + "/loaders"
+COMPILE_TIP = ("torch: compile each transformer block with torch.compile. On a CUDA GPU the first run takes ~15 s "
+               "longer, then every step is ~1.3-1.5x faster. MLX always compiles its step; on a CPU compiling is slow.")
 
 
 def _load(ref: ModelRef):
@@ -46,13 +48,14 @@ class _TransformerLoader:
             "dtype": (DTYPE_OPTIONS, {"default": "auto", "tooltip": DTYPE_TIP}),
             "quantization": (QUANT_OPTIONS, {"default": "none", "tooltip": QUANT_TIP}),
             "variant": (list(cls.VARIANTS), {"default": "auto", "tooltip": cls.VARIANT_TIP}),
+            "compile": ("BOOLEAN", {"default": False, "tooltip": COMPILE_TIP}),
         }}
 
-    def load(self, model_name, backend, dtype, quantization, variant):
+    def load(self, model_name, backend, dtype, quantization, variant, compile=False):
         path = host.model_path("diffusion_models", model_name)
         if variant not in self.VARIANTS:
             raise ConfigError(f"variant must be one of {', '.join(self.VARIANTS)}, got {variant!r}")
-        ref = ModelRef("transformer", path, backend, dtype, quantization, self.VARIANTS[variant])
+        ref = ModelRef("transformer", path, backend, dtype, quantization, self.VARIANTS[variant], compile=bool(compile))
         loaded = _load(ref)
         if loaded.family != self.FAMILY:
             other = "FluxCore Z-Image Model Loader" if loaded.family == "zimage" else "FluxCore klein Model Loader"
