@@ -31,6 +31,7 @@ P.add_argument("--size", type=int, default=1024)
 P.add_argument("--steps", type=int, default=4)
 P.add_argument("--reps", type=int, default=5)
 P.add_argument("--tiny", action="store_true")
+P.add_argument("--quantization", default="none", help="ours: none | int8 | int4 | fp8 (transformer and text encoder)")
 P.add_argument("--compile", action="store_true", help="ours with regional torch.compile (models.load_transformer(compile=True))")
 P.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
 A = P.parse_args()
@@ -127,6 +128,11 @@ def main():
     refs, sds = build()
     tok_dir = write_byte_tokenizer(Path(tempfile.mkdtemp()) / "tok")
     tr, te, vae = ours_models(sds, tok_dir)
+    if A.quantization != "none":
+        from flux_core.backend import Choice, quantize
+
+        for m in (tr.module, te.module.model):
+            quantize(Choice("torch", str(DEV), "bench"), m, A.quantization)
     if A.compile:
         from flux_core.backend import Choice, compile_blocks
 
@@ -184,9 +190,10 @@ def main():
            "dtype": str(DT), "diffusers_s": statistics.median(d_times), "ours_s": statistics.median(o_times),
            "ours_split_s": {k: statistics.median(s[k] for s in splits) for k in splits[0]},
            "max_pixel_diff_vs_diffusers": diff,
-           "compiled": A.compile, "warmup_s": warm}
+           "compiled": A.compile, "quantization": A.quantization, "warmup_s": warm,
+           "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if DEV.type == "cuda" else None}
     print(json.dumps(row), flush=True)
-    with open(os.path.join(A.out, f"pipeline_klein_{size}{'_compiled' if A.compile else ''}.json"), "w") as f:
+    with open(os.path.join(A.out, f"pipeline_klein_{size}{'_compiled' if A.compile else ''}_{A.quantization}.json"), "w") as f:
         json.dump(row, f, indent=1)
 
 
