@@ -162,3 +162,22 @@ def test_meta_build_allocates_nothing():
         m = Qwen3Encoder(Qwen3Config(), max_layers=27)
     assert all(p.is_meta for p in m.parameters())
     assert len(m.layers) == 27 and m.norm is None
+
+
+def test_qwen3_vl_layout_loads_the_text_model(tmp_path):
+    """Qwen3-VL checkpoints nest the text model under `model.language_model.` beside a vision tower (`model.visual.`);
+    the text part must load as the same encoder and the vision keys be ignored."""
+    from safetensors.torch import save_file
+
+    hf = R.tiny_hf_model(seed=3)
+    sd = {k.replace("model.", "model.language_model.", 1): v.contiguous() for k, v in hf.state_dict().items()
+          if k.startswith("model.")}
+    sd["model.visual.patch_embed.proj.weight"] = torch.randn(4, 3, 2, 2)
+    path = tmp_path / "qwen3_vl_like.safetensors"
+    save_file(sd, str(path))
+    ours = load_qwen3(path, max_layers=27)
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        want = hf(input_ids=ids, output_hidden_states=True).hidden_states[27]
+        got = ours(ids, None, output_layers=(27,))[0]
+    assert rel_err(got, want) <= 1e-5

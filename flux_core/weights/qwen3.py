@@ -16,11 +16,11 @@ from typing import Mapping
 from .keymap import KeyMap, strip_prefix
 
 # Qwen3ForCausalLM / ComfyUI files carry `model.`; Qwen3Model files carry nothing (keymap.strip_prefix).
-PREFIXES = ("model.",)
+PREFIXES = ("model.language_model.", "model.")  # Qwen3-VL files nest the text model one level deeper
 
 # lm_head: tied to embed_tokens (tie_word_embeddings=true) and never used by an encoder.
 # rotary_emb.inv_freq: a buffer some exporters write; we recompute RoPE from rope_theta.
-IGNORE = (r"^lm_head\.", r"(^|\.)rotary_emb\.inv_freq$")
+IGNORE = (r"^lm_head\.", r"(^|\.)rotary_emb\.inv_freq$", r"^(model\.)?visual\.")  # VL: the vision tower is unused
 
 KEYMAP = KeyMap(rules=[], ignore=IGNORE)
 
