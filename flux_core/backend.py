@@ -106,8 +106,8 @@ def resolve_dtype(dtype: str | None, choice: Choice) -> str:
         raise ConfigError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if dtype != "auto":
         return dtype
-    # bf16 wherever it is fast; float32 on CPU torch, where bf16 matmuls are emulated and slow.
-    if choice.backend == "torch" and choice.device == "cpu":
+    # bf16 wherever it is fast; float32 on a CPU (torch or MLX), where bf16 matmuls skip BLAS and are slow.
+    if choice.device == "cpu":
         return "float32"
     return "bfloat16"
 

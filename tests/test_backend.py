@@ -55,6 +55,7 @@ def test_dtype_defaults():
     assert backend.resolve_dtype("auto", backend.Choice("torch", "cpu", "")) == "float32"
     assert backend.resolve_dtype(None, backend.Choice("torch", "cuda", "")) == "bfloat16"
     assert backend.resolve_dtype("auto", backend.Choice("mlx", "gpu", "")) == "bfloat16"
+    assert backend.resolve_dtype("auto", backend.Choice("mlx", "cpu", "")) == "float32"  # MLX CPU bf16 skips BLAS
 
 
 @pytest.mark.skipif(not backend.mlx_available(), reason="needs mlx (CI installs mlx[cpu])")
