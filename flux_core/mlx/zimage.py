@@ -238,17 +238,12 @@ class ZImageTransformer(nn.Module):
         latent."""
         cfg = self.config
         p = cfg.patch_size
-        if height % p or width % p:
-            raise ConfigError(f"latent {height}x{width} is not divisible by the patch size {p} "
-                              f"(image sides must be multiples of {8 * p} pixels)")
-        if not cap_lens or min(cap_lens) < 1:
-            raise ConfigError(f"every caption needs at least one token, got lengths {list(cap_lens)}")
-        cap_lp = [_ceil(n) for n in cap_lens]
+        cap_lp = cfg.padded_caption_lengths(cap_lens, height, width)
         l_max = max(cap_lp)
         img_t, cap_t, joint_t = [], [], []
         for lp in cap_lp:
             cap_ids, img_ids = position_ids(lp, height // p, width // p)
-            self._check_ids(np.concatenate([cap_ids, img_ids]))
+            cfg.check_positions(np.concatenate([cap_ids, img_ids]).max(0).tolist())
             ang_cap = rope_angles(cap_ids, cfg.axes_dims, cfg.rope_theta)
             ang_img = rope_angles(img_ids, cfg.axes_dims, cfg.rope_theta)
             ang_cap = np.pad(ang_cap, ((0, l_max - lp), (0, 0)))  # batch padding rows: angle 0 (masked anyway)
@@ -270,12 +265,6 @@ class ZImageTransformer(nn.Module):
         mx.eval(rope.arrays())  # constants of every compiled step: evaluate before anything is traced (mflux #714)
         return rope
 
-    def _check_ids(self, ids):
-        top = ids.max(0).tolist()
-        if any(m >= n for m, n in zip(top, self.config.axes_lens)):
-            raise ConfigError(f"caption or image too large for Z-Image: RoPE positions {top} exceed the trained "
-                              f"range {list(self.config.axes_lens)} (t = padded caption length + 1, "
-                              "h/w = patch rows/cols)")
 
 
 def load_zimage(path_or_checkpoint, dtype="float32", consume: bool = False) -> ZImageTransformer:

@@ -69,6 +69,22 @@ class ZImageConfig:
     def patch_dim(self) -> int:
         return self.patch_size * self.patch_size * self.in_channels
 
+    def padded_caption_lengths(self, cap_lens: Sequence[int], height: int, width: int) -> list[int]:
+        """Validate a RoPE request (both backends' make_rope) and return each caption's padded length."""
+        p = self.patch_size
+        if height % p or width % p:
+            raise ConfigError(f"latent {height}x{width} is not divisible by the patch size {p} "
+                              f"(image sides must be multiples of {8 * p} pixels)")
+        if not cap_lens or min(cap_lens) < 1:
+            raise ConfigError(f"every caption needs at least one token, got lengths {list(cap_lens)}")
+        return [_ceil(n) for n in cap_lens]
+
+    def check_positions(self, top: Sequence[int]) -> None:
+        """The largest (t, h, w) position ids must stay inside the trained RoPE range (`axes_lens`)."""
+        if any(m >= n for m, n in zip(top, self.axes_lens)):
+            raise ConfigError(f"caption or image too large for Z-Image: RoPE positions {list(top)} exceed the trained "
+                              f"range {list(self.axes_lens)} (t = padded caption length + 1, h/w = patch rows/cols)")
+
     def __post_init__(self):
         self.axes_dims, self.axes_lens = tuple(self.axes_dims), tuple(self.axes_lens)
         if self.dim % self.n_heads or sum(self.axes_dims) != self.head_dim or any(d % 2 for d in self.axes_dims):
@@ -295,17 +311,12 @@ class ZImageTransformer(nn.Module):
         """Precompute RoPE tables and masks for captions of `cap_lens` tokens and a `height` x `width` latent."""
         cfg = self.config
         p = cfg.patch_size
-        if height % p or width % p:
-            raise ConfigError(f"latent {height}x{width} is not divisible by the patch size {p} "
-                              f"(image sides must be multiples of {8 * p} pixels)")
-        if not cap_lens or min(cap_lens) < 1:
-            raise ConfigError(f"every caption needs at least one token, got lengths {list(cap_lens)}")
-        cap_lp = [_ceil(n) for n in cap_lens]
+        cap_lp = cfg.padded_caption_lengths(cap_lens, height, width)
         l_max = max(cap_lp)
         img_t, cap_t, joint_t = [], [], []
         for lp in cap_lp:
             cap_ids, img_ids = position_ids(lp, height // p, width // p)
-            self._check_ids(torch.cat([cap_ids, img_ids]))
+            cfg.check_positions(torch.cat([cap_ids, img_ids]).max(0).values.tolist())
             ang_cap = rope_angles(cap_ids, cfg.axes_dims, cfg.rope_theta)
             ang_img = rope_angles(img_ids, cfg.axes_dims, cfg.rope_theta)
             ang_cap = F.pad(ang_cap, (0, 0, 0, l_max - lp))  # batch padding rows: angle 0 (masked anyway)
@@ -325,12 +336,6 @@ class ZImageTransformer(nn.Module):
         return ZImageRope(tuple(int(n) for n in cap_lens), height, width, table(img_t), table(cap_t), table(joint_t),
                           cap_mask, joint_mask, tuple(cap_lp))
 
-    def _check_ids(self, ids):
-        top = ids.max(0).values.tolist()
-        if any(m >= n for m, n in zip(top, self.config.axes_lens)):
-            raise ConfigError(f"caption or image too large for Z-Image: RoPE positions {top} exceed the trained "
-                              f"range {list(self.config.axes_lens)} (t = padded caption length + 1, "
-                              "h/w = patch rows/cols)")
 
 
 def load_zimage(path_or_checkpoint, dtype=torch.float32, device="cpu") -> ZImageTransformer:
