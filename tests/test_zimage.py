@@ -240,3 +240,20 @@ def test_config_rejects_inconsistent_axes():
         ZImageConfig(dim=64, n_heads=2, axes_dims=(8, 8, 8))
     assert ZImageTransformer(ZImageConfig(dim=64, n_heads=2, n_layers=1, n_refiner_layers=1, cap_feat_dim=8,
                                           ffn_hidden=32, adaln_dim=64, axes_dims=(8, 12, 12))) is not None
+
+
+def test_rope_requests_outside_the_model_are_clear_errors():
+    """Both backends validate make_rope through the shared config: odd latent sizes, empty captions, positions past
+    the trained RoPE range."""
+    from flux_core.errors import ConfigError
+    from flux_core.torch.zimage import ZImageConfig
+
+    cfg = ZImageConfig()
+    assert cfg.padded_caption_lengths([7, 32, 33], 16, 16) == [32, 32, 64]
+    with pytest.raises(ConfigError, match="patch size"):
+        cfg.padded_caption_lengths([7], 15, 16)
+    with pytest.raises(ConfigError, match="at least one token"):
+        cfg.padded_caption_lengths([0], 16, 16)
+    cfg.check_positions([1535, 511, 511])
+    with pytest.raises(ConfigError, match="too large"):
+        cfg.check_positions([10, 512, 4])
