@@ -1,0 +1,137 @@
+"""Which native weight a LoRA module name means: a lookup table built from the model's own parameter names.
+
+The table holds, for every weight of the loaded model:
+  * our native name (BFL / original checkpoint keys: `double_blocks.0.img_attn.qkv`),
+  * every diffusers name that our key map (`weights/klein.py`, `weights/zimage.py` `DIFFUSERS` rules) turns into it:
+    `copy` -> the whole weight, `cat` -> a row slice (q, k, v in order), `swap_halves` -> the whole weight with its
+    two row halves swapped (klein `norm_out.linear` is [scale; shift], ours [shift; scale]),
+  * and the kohya / LyCORIS flattening of each of those names (`.` -> `_`).
+Names in the file are matched WHOLE against this table, never split on `_`: `adaLN_modulation`, `feed_forward`,
+`to_q`, `img_attn`, `noise_refiner` all contain underscores, which is why splitting needs endless fix-ups
+(diffusers' Z-Image converter, docs/LORA.md).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..weights.keymap import KeyMap, _compile
+
+# Stripped from a file's module names, repeatedly (`base_model.model.transformer.` has two).
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.",
+            "lora_unet_", "lycoris_", "lora_transformer_")
+TEXT_ENCODER_PREFIXES = ("text_encoders.", "text_encoder.", "text_model.", "lora_te_", "lora_te1_", "lora_te2_",
+                         "lora_te3_", "base_model.model.text_encoder.", "te.", "qwen3")
+WEIGHT_SUFFIXES = (".weight", ".scale")   # klein's QK norms are `.scale` in our layout
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str                          # our parameter name, e.g. "double_blocks.0.img_attn.qkv.weight"
+    rows: tuple[int, int] | None      # row slice of that weight the source module is, or None for all rows
+    swap: bool = False                # the source's row halves are swapped relative to ours
+    split: bool = False               # came from a split (cat) source: preferred over a fused duplicate
+
+
+def keymap_for(family: str) -> KeyMap:
+    if family == "klein":
+        from ..weights.klein import DIFFUSERS
+    else:
+        from ..weights.zimage import DIFFUSERS
+    return DIFFUSERS
+
+
+def build_table(shapes: dict, family: str) -> dict[str, Target]:
+    """module name (dotted or underscored, native or diffusers) -> Target, for every weight of the model.
+
+    `shapes` maps our parameter keys to their logical shapes (quantized weights report [out, in])."""
+    table: dict[str, Target | None] = {}
+
+    def add(name: str, target: Target) -> None:
+        for alias in (name, name.replace(".", "_")):
+            old = table.get(alias, target)
+            table[alias] = target if old == target else None   # an ambiguous flattening matches nothing
+
+    for key in shapes:
+        if key.endswith(WEIGHT_SUFFIXES):
+            add(key.rsplit(".", 1)[0], Target(key, None))
+    for rule in keymap_for(family).rules:
+        pattern = _compile(rule.native)
+        for key in shapes:
+            m = pattern.match(key)
+            if not m:
+                continue
+            names = [s.format(**m.groupdict()) for s in rule.sources]
+            if rule.op == "cat":
+                size = shapes[key][0] // len(names)
+                for i, name in enumerate(names):
+                    add(_module(name), Target(key, (i * size, (i + 1) * size), split=True))
+            else:
+                add(_module(names[0]), Target(key, None, swap=rule.op == "swap_halves"))
+    return {k: v for k, v in table.items() if v is not None}
+
+
+def _module(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0]
+
+
+def strip_prefixes(name: str) -> str:
+    for _ in range(3):
+        for p in PREFIXES:
+            if name.startswith(p):
+                name = name[len(p):]
+                break
+        else:
+            break
+    return name
+
+
+def is_text_encoder(name: str) -> bool:
+    return name.startswith(TEXT_ENCODER_PREFIXES)
+
+
+# ------------------------------------------------------------------------------------------------ what a file is for
+
+_SEP = "[._]"
+FLUX1 = re.compile(rf"(img|txt){_SEP}mod{_SEP}lin|single{_SEP}blocks{_SEP}\d+{_SEP}modulation|proj{_SEP}mlp|"
+                   rf"time{_SEP}text{_SEP}embed|norm1{_SEP}(context{_SEP})?linear")
+KLEIN = re.compile(rf"(^|{_SEP})(double{_SEP}blocks|single{_SEP}blocks|transformer{_SEP}blocks|"
+                   rf"single{_SEP}transformer{_SEP}blocks){_SEP}\d+")
+ZIMAGE = re.compile(rf"(^|{_SEP})(layers|noise{_SEP}refiner|context{_SEP}refiner){_SEP}\d+{_SEP}"
+                    rf"(attention|feed{_SEP}forward|adaLN)")
+# modules whose input is the hidden width (their A's column count tells a LoRA's model size)
+HIDDEN_IN = re.compile(rf"img{_SEP}attn{_SEP}qkv|attn{_SEP}to{_SEP}q$|linear1$|to{_SEP}qkv{_SEP}mlp{_SEP}proj|"
+                       rf"attention{_SEP}(qkv|to{_SEP}q)$")
+
+
+def describe_model(family: str, hidden: int) -> str:
+    if family == "klein":
+        size = {3072: "4B", 4096: "9B"}.get(hidden)
+        return f"FLUX.2 [klein] {size}" if size else f"FLUX.2 [klein] (hidden size {hidden})"
+    return "Z-Image" if hidden == 3840 else f"Z-Image (width {hidden})"
+
+
+def model_identity(shapes: dict) -> tuple[str, int]:
+    """(family, hidden width) of a loaded transformer, from its own parameter shapes."""
+    if "double_stream_modulation_img.lin.weight" in shapes:
+        return "klein", int(shapes["double_stream_modulation_img.lin.weight"][1])
+    if "x_embedder.weight" in shapes and any(k.startswith("noise_refiner.") for k in shapes):
+        return "zimage", int(shapes["x_embedder.weight"][0])
+    raise ValueError("not a klein or Z-Image transformer")
+
+
+def guess_lora_target(names_and_in_dims: list[tuple[str, int | None]]) -> tuple[str | None, int | None, str]:
+    """(family, hidden width, description) a LoRA was made for, from its module names and input widths.
+    family None when the names say nothing (then key matching decides)."""
+    names = [n for n, _ in names_and_in_dims]
+    if any(FLUX1.search(n) for n in names):
+        return "flux1", None, "FLUX.1"
+    family = ("klein" if any(KLEIN.search(n) for n in names)
+              else "zimage" if any(ZIMAGE.search(n) for n in names) else None)
+    if family is None:
+        return None, None, "an unknown model"
+    dims = [d for n, d in names_and_in_dims if d and HIDDEN_IN.search(n)]
+    hidden = max(set(dims), key=dims.count) if dims else None
+    if family == "klein" and hidden == 6144:
+        return "flux2-dev", hidden, "FLUX.2 [dev]"
+    return family, hidden, describe_model(family, hidden) if hidden else describe_model(family, 0).split(" (")[0]
