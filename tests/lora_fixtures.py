@@ -326,8 +326,9 @@ def klein_fixtures(shapes: dict, base: dict) -> dict:
                    up="lora_B.weight", alpha_mode="fold", diffusers_reads=True),
         write_lora("bfl_down_up", bank, shapes, blocks, prefix="diffusion_model.", down="lora_down.weight",
                    up="lora_up.weight", alpha_mode="tensor"),
+        # float32: diffusers folds α into bf16 tensors (a rounding of its own), which would blur the oracle test
         write_lora("kohya", bank, shapes, blocks, prefix="lora_unet_", down="lora_down.weight", up="lora_up.weight",
-                   alpha_mode="tensor", flatten=True, diffusers_reads=True),
+                   alpha_mode="tensor", flatten=True, dtype=torch.float32, diffusers_reads=True),
         write_block_diag("kohya_sparse", bank, shapes,
                          [(k, k[:-7], [f"{k[:-7]}.{p}" for p in "qkv"]) for k, _, _, _ in blocks
                           if k.endswith("attn.qkv.weight")], prefix="lora_unet_"),
@@ -371,7 +372,7 @@ def zimage_fixtures(shapes: dict, base: dict) -> dict:
         write_lora("ai_toolkit", bank, shapes, d_layers, prefix="diffusion_model.", down="lora_A.weight",
                    up="lora_B.weight", alpha_mode="fold", diffusers_reads=True),
         write_lora("musubi", bank, shapes, raw_musubi, prefix="lora_unet_", down="lora_down.weight",
-                   up="lora_up.weight", alpha_mode="tensor", flatten=True, diffusers_reads=True),
+                   up="lora_up.weight", alpha_mode="tensor", flatten=True, dtype=torch.float32, diffusers_reads=True),
         write_block_diag("musubi_comfy", bank, shapes,
                          [(k, k[:-7], [f"{k[:-len('qkv.weight')]}to_{p}" for p in "qkv"]) for k in qkv
                           if k.startswith("layers.")], prefix="lora_unet_"),
