@@ -81,14 +81,23 @@ class Bank:
 # ------------------------------------------------------------------------------------------------ module sets
 
 def diffusers_names(shapes: dict, family: str) -> dict:
-    """{native weight key: [(diffusers module name, rows, swap)]} from our key map (the identity when the names agree)."""
-    from flux_core.lora.names import build_table
+    """{native weight key: [(diffusers module name, rows, swap)]}, from the diffusers -> native rules of our key map
+    (keys they do not mention have the same name in both layouts)."""
+    from flux_core.lora.names import keymap_for
+    from flux_core.weights.keymap import _compile
 
     out = {}
-    for name, t in build_table(shapes, family).items():
-        if "." in name and name != t.key.rsplit(".", 1)[0]:
-            out.setdefault(t.key, []).append((name, t.rows, t.swap))
-    return {k: sorted(v, key=lambda x: (x[1] or (0,))) for k, v in out.items()}
+    for rule in keymap_for(family).rules:
+        pattern = _compile(rule.native)
+        for key in shapes:
+            m = pattern.match(key)
+            if not m:
+                continue
+            names = [src.format(**m.groupdict()).rsplit(".", 1)[0] for src in rule.sources]
+            size = shapes[key][0] // len(names)
+            out[key] = [(n, (i * size, (i + 1) * size) if rule.op == "cat" else None, rule.op == "swap_halves")
+                        for i, n in enumerate(names)]
+    return out
 
 
 def _linears(shapes, prefixes):
@@ -163,7 +172,7 @@ def peft_metadata(alphas: dict, ranks: dict, rslora: bool) -> dict:
     cfg = {"r": r, "lora_alpha": alpha, "use_rslora": rslora, "use_dora": False, "peft_type": "LORA",
            "rank_pattern": {k: v for k, v in ranks.items() if v != r},
            "alpha_pattern": {k: v for k, v in alphas.items() if v != alpha},
-           "target_modules": sorted({k.rsplit(".", 1)[-1] for k in ranks}), "lora_dropout": 0.0, "bias": "none"}
+           "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none"}
     return {f"transformer.{k}": v for k, v in cfg.items()}
 
 

@@ -56,6 +56,8 @@ def build_table(shapes: dict, family: str) -> dict[str, Target]:
         if key.endswith(WEIGHT_SUFFIXES):
             add(key.rsplit(".", 1)[0], Target(key, None))
     for rule in keymap_for(family).rules:
+        if not rule.native.endswith(WEIGHT_SUFFIXES):   # a module's bias delta follows its weight's target
+            continue
         pattern = _compile(rule.native)
         for key in shapes:
             m = pattern.match(key)
