@@ -89,7 +89,6 @@ class TorchApplier:
             return DEQUANTIZERS[mod.mode](q, scale, mod.in_features).float()
         return backup.to(self.device, torch.float32)
 
-    @torch.no_grad()
     def write(self, key: str, w32):
         mod, leaf = self._locate(key)
         if isinstance(mod, QuantLinear) and leaf == "weight":
@@ -100,7 +99,6 @@ class TorchApplier:
         target = getattr(mod, leaf)
         target.copy_(w32.reshape(target.shape).to(target.dtype))
 
-    @torch.no_grad()
     def restore(self, key: str, backup):
         mod, leaf = self._locate(key)
         if isinstance(backup, tuple):
@@ -135,7 +133,9 @@ def apply_loras(model, loras: list, backup: str = "auto") -> int:
     """Make `model` hold exactly `loras` = [(ResolvedLora | path, strength), ...]; [] restores the original weights.
     Returns how many weights were re-merged."""
     resolved = [(r if isinstance(r, ResolvedLora) else resolve_for(model, r), s) for r, s in loras]
-    with torch.no_grad():
+    # inference_mode: in-place writes are legal whether the parameters were made inside it (a host that loads
+    # under inference_mode) or not
+    with torch.inference_mode():
         return set_loras(TorchApplier(model, backup), state(model), resolved)
 
 
