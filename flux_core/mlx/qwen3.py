@@ -10,7 +10,7 @@ Architecture (Qwen3-4B; Qwen3-8B for klein-9B in brackets):
   attention: 32 query heads, 8 KV heads (GQA x4, grouped, K/V never repeated), head_dim 128, no biases, per-head
              RMSNorm on q and k BEFORE rotate-half RoPE (theta 1e6). MLP 9728 [12288] SwiGLU. RMSNorm eps 1e-6.
 
-`TextEncoder` (flux_core/text.py) keeps its prompt caches as torch tensors: `forward_torch` is the torch-facing entry
+`TextEncoder` (flux_core/text.py) keeps its prompt caches as torch tensors: `hidden_states` is the torch-facing entry (the torch twin has the same method)
 (torch ids in, torch CPU tensors out, bf16 bits moved exactly); `__call__` is the pure-MLX forward.
 
 Pitfalls:
@@ -154,9 +154,9 @@ class Qwen3Encoder(nn.Module):
             taps[last] = self.norm(x)
         return [taps[i] for i in want]
 
-    def forward_torch(self, input_ids, attention_mask=None, output_layers: Sequence[int] = (-1,)) -> list:
-        """The torch-facing forward `TextEncoder` uses: torch (or numpy) ids in, torch CPU tensors in the model dtype
-        out, evaluated in one `mx.eval`."""
+    def hidden_states(self, input_ids, attention_mask=None, output_layers: Sequence[int] = (-1,)) -> list:
+        """The entry `TextEncoder` uses on both backends: torch (or numpy) ids in, torch CPU tensors in the model
+        dtype out, evaluated in one `mx.eval`."""
         outs = self(input_ids, attention_mask, output_layers)
         mx.eval(outs)
         return [_to_torch(o) for o in outs]

@@ -147,6 +147,14 @@ class Qwen3Encoder(nn.Module):
             taps[last] = self.norm(x)
         return [taps[i] for i in want]
 
+    def hidden_states(self, input_ids, attention_mask=None, output_layers: Sequence[int] = (-1,)) -> list:
+        """The entry `TextEncoder` uses on both backends: CPU ids / mask in, hidden states on the model's device out
+        (the MLX twin has the same method)."""
+        dev = self.embed_tokens.weight.device
+        mask = None if attention_mask is None else attention_mask.to(dev)
+        with torch.inference_mode():
+            return self(input_ids.to(dev), mask, output_layers=output_layers)
+
 
 def load_qwen3(path_or_checkpoint, dtype=torch.float32, device="cpu", max_layers: int | None = None) -> Qwen3Encoder:
     """Load a Qwen3 text encoder: a single HF-layout file (with or without `model.`), a diffusers `text_encoder/`
