@@ -52,6 +52,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="torch: compile the transformer blocks (faster steps on CUDA after a one-off compile)")
     p.add_argument("--release-text-encoder", choices=["auto", "yes", "no"], default="auto",
                    help="free the text encoder after encoding (auto: on devices with less than 32 GB)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="a LoRA .safetensors merged into the transformer, strength 1.0 unless given "
+                        "(C:\\x.safetensors is a path); repeat for several")
     p.add_argument("--verbose", "-v", action="store_true")
 
 
@@ -73,8 +76,11 @@ def run_generate(args) -> list[Path]:
     model_path, te_path, vae_path, tok = _components(args)
     distilled = {"auto": None, "distilled": True, "base": False}[args.variant]
     t0 = time.perf_counter()
+    from .lora import parse_lora_arg
+
+    loras = [parse_lora_arg(a) for a in args.lora]
     transformer = models.load_transformer(model_path, args.backend, args.device, args.dtype, args.quantization,
-                                          distilled=distilled, compile=args.compile)
+                                          distilled=distilled, compile=args.compile, loras=loras)
     text_encoder = models.load_text_encoder(te_path, tok, args.backend, args.device, args.dtype, args.quantization)
     vae = models.load_vae(vae_path, args.backend, args.device, args.dtype)
     for m in (transformer, text_encoder, vae):
@@ -99,6 +105,8 @@ def run_generate(args) -> list[Path]:
     log.info("generation took %.2f s", time.perf_counter() - t1)
     gen.params.update({"model_file": Path(model_path).name, "text_encoder_file": Path(te_path).name,
                        "vae_file": Path(vae_path).name})
+    if loras:
+        gen.params["loras"] = [{"file": Path(s.path).name, "strength": s.strength} for s in loras]
     from .outputs import save_latent, save_pngs
 
     written = save_pngs(gen.images, args.output, gen.params)

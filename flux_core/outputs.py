@@ -30,8 +30,9 @@ def _a1111_style(p: dict) -> str:
     text = p.get("prompt", "")
     if p.get("negative_prompt"):
         text += f"\nNegative prompt: {p['negative_prompt']}"
+    loras = "".join(f", Lora: {x['file']}:{x['strength']:g}" for x in p.get("loras", ()))
     return text + (f"\nSteps: {p['steps']}, CFG scale: {p['guidance']}, Seed: {p['seed']}, "
-                   f"Size: {p['width']}x{p['height']}, Model: {p.get('model')}")
+                   f"Size: {p['width']}x{p['height']}, Model: {p.get('model')}{loras}")
 
 
 def save_latent(latent, path: str, params: dict) -> None:

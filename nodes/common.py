@@ -43,13 +43,14 @@ class ModelRef:
     variant: object = None             # flux_core.families.Variant (transformer)
     summary: dict = field(default_factory=dict, compare=False, hash=False)
     compile: bool = False              # transformer: regional torch.compile
+    loras: tuple = ()                  # transformer: ((path, strength), ...) from LoRA Loader nodes, in order
 
     def load(self):
         from flux_core import models
 
         if self.kind == "transformer":
             return models.load_transformer(self.path, self.backend, None, self.dtype, self.quantization,
-                                           self.distilled, compile=self.compile)
+                                           self.distilled, compile=self.compile, loras=self.loras)
         if self.kind == "text_encoder":
             return models.load_text_encoder(self.path, self.tokenizer, self.backend, None, self.dtype,
                                             self.quantization, tokenizer_search=self.tokenizer_search)

@@ -29,7 +29,7 @@ IN_COMFYUI = folder_paths is not None and model_management is not None
 
 # ComfyUI's folder names, with the legacy aliases it maps onto them (folder_paths.py:30-31, map_legacy)
 FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"),
-           "vae": ("vae",)}
+           "vae": ("vae",), "loras": ("loras",)}
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 _ROOTS: list[Path] = []
 

@@ -46,10 +46,6 @@ class LoraLoader:
             raise ConfigError("the FluxCore LoRA Loader takes a FluxCore diffusion model (klein or Z-Image)")
         path = host.model_path("loras", lora_name)
         ref = replace(model, loras=tuple(model.loras) + ((path, float(strength)),))
-        loaded = ref.load()
-        report = loaded.lora_reports[-1] if getattr(loaded, "lora_reports", None) else None
-        extra = f"+{len(ref.loras)} LoRA" + ("s" if len(ref.loras) > 1 else "")
-        payload = describe(loaded, extra)
-        if report is not None:
-            payload["details"] = list(payload["details"]) + [report]
+        loaded = ref.load()   # resolves the LoRA now: a wrong file fails on this node, named
+        payload = describe(loaded, f"{len(ref.loras)} LoRA" + ("s" if len(ref.loras) > 1 else ""))
         return ui(payload, (replace(ref, summary=payload),))

@@ -262,3 +262,38 @@ def test_peft_alpha_pattern_matches_whole_module_names(klein):
     assert p.scale("transformer_blocks.0.attn.to_k", 4) == 2.0
     assert p.scale("single_transformer_blocks.0.attn.to_k", 4) == 1.0
     assert PeftAlpha(None, {}, True).scale("x", 4) == 2.0   # α = r, rsLoRA: r / √r
+
+
+# ------------------------------------------------------------------------------------------------ models API
+
+def test_load_transformer_with_loras_shares_one_base(klein):
+    """load_transformer(loras=...) reads the checkpoint once: every LoRA list is a handle on the same module, made
+    active when loaded; the base handle takes the LoRAs out again; a strength is part of the handle's key."""
+    from flux_core import models
+
+    path, files = klein["path"], klein["files"]
+    kw = dict(backend="torch", device="cpu", dtype="float32")
+    base = models.load_transformer(path, **kw)
+    a = models.load_transformer(path, loras=[(files["kohya"], 0.5), (files["diffusers"], -0.7)], **kw)
+    assert a.module is base.module and a.loras[0].strength == 0.5 and "LoRA kohya.safetensors:0.5" in a.describe()
+    want = expected_weights(klein["base"], [(klein["fixtures"]["kohya"], 0.5), (klein["fixtures"]["diffusers"], -0.7)])
+    assert _err(_torch_weights(base.module), want) <= 1e-6
+    assert models.load_transformer(path, loras=[(files["kohya"], 0.5), (files["diffusers"], -0.7)], **kw) is a
+    b = models.load_transformer(path, loras=[(files["kohya"], 1.0)], **kw)
+    assert b is not a and b.module is base.module
+    assert _err(_torch_weights(base.module), expected_weights(klein["base"], [(klein["fixtures"]["kohya"], 1.0)])) <= 1e-6
+    assert models.load_transformer(path, **kw) is base
+    for k, v in klein["base"].items():
+        assert torch.equal(base.module.state_dict()[k], v)
+    assert any("applied" in n for n in b.notes)
+
+
+def test_wrong_lora_fails_before_any_weight_changes(klein, zimage):
+    from flux_core import models
+
+    kw = dict(backend="torch", device="cpu", dtype="float32")
+    with pytest.raises(WeightError, match="is a LoRA for Z-Image"):
+        models.load_transformer(klein["path"], loras=[(klein["files"]["kohya"], 1.0),
+                                                      (zimage["files"]["ai_toolkit"], 1.0)], **kw)
+    for k, v in klein["base"].items():
+        assert torch.equal(klein["model"].module.state_dict()[k], v)
