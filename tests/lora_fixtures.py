@@ -83,11 +83,11 @@ class Bank:
 def diffusers_names(shapes: dict, family: str) -> dict:
     """{native weight key: [(diffusers module name, rows, swap)]}, from the diffusers -> native rules of our key map
     (keys they do not mention have the same name in both layouts)."""
-    from flux_core.lora.names import keymap_for
+    from flux_core.families import FAMILIES
     from flux_core.weights.keymap import _compile
 
     out = {}
-    for rule in keymap_for(family).rules:
+    for rule in FAMILIES[family].keys.DIFFUSERS.rules:
         pattern = _compile(rule.native)
         for key in shapes:
             m = pattern.match(key)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..weights.keymap import KeyMap, _compile
+from ..families import FAMILIES, Family
+from ..weights.keymap import _compile
 
 # Stripped from a file's module names, repeatedly (`base_model.model.transformer.` has two).
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.", "transformer.", "unet.",
@@ -33,15 +34,7 @@ class Target:
     split: bool = False               # came from a split (cat) source: preferred over a fused duplicate
 
 
-def keymap_for(family: str) -> KeyMap:
-    if family == "klein":
-        from ..weights.klein import DIFFUSERS
-    else:
-        from ..weights.zimage import DIFFUSERS
-    return DIFFUSERS
-
-
-def build_table(shapes: dict, family: str) -> dict[str, Target]:
+def build_table(shapes: dict, family) -> dict[str, Target]:
     """module name (dotted or underscored, native or diffusers) -> Target, for every weight of the model.
 
     `shapes` maps our parameter keys to their logical shapes (quantized weights report [out, in])."""
@@ -55,7 +48,7 @@ def build_table(shapes: dict, family: str) -> dict[str, Target]:
     for key in shapes:
         if key.endswith(WEIGHT_SUFFIXES):
             add(key.rsplit(".", 1)[0], Target(key, None))
-    for rule in keymap_for(family).rules:
+    for rule in family.keys.DIFFUSERS.rules:
         if not rule.native.endswith(WEIGHT_SUFFIXES):   # a module's bias delta follows its weight's target
             continue
         pattern = _compile(rule.native)
@@ -95,45 +88,29 @@ def is_text_encoder(name: str) -> bool:
 # ------------------------------------------------------------------------------------------------ what a file is for
 
 _SEP = "[._]"
+# FLUX.1 names no FLUX.2 / Z-Image model has (its per-block modulation, single-block MLP, time+text embedder)
 FLUX1 = re.compile(rf"(img|txt){_SEP}mod{_SEP}lin|single{_SEP}blocks{_SEP}\d+{_SEP}modulation|proj{_SEP}mlp|"
                    rf"time{_SEP}text{_SEP}embed|norm1{_SEP}(context{_SEP})?linear")
-KLEIN = re.compile(rf"(^|{_SEP})(double{_SEP}blocks|single{_SEP}blocks|transformer{_SEP}blocks|"
-                   rf"single{_SEP}transformer{_SEP}blocks){_SEP}\d+")
-ZIMAGE = re.compile(rf"(^|{_SEP})(layers|noise{_SEP}refiner|context{_SEP}refiner){_SEP}\d+{_SEP}"
-                    rf"(attention|feed{_SEP}forward|adaLN)")
-# modules whose input is the hidden width (their A's column count tells a LoRA's model size)
-HIDDEN_IN = re.compile(rf"img{_SEP}attn{_SEP}qkv|attn{_SEP}to{_SEP}q$|linear1$|to{_SEP}qkv{_SEP}mlp{_SEP}proj|"
-                       rf"attention{_SEP}(qkv|to{_SEP}q)$")
 
 
-def describe_model(family: str, hidden: int) -> str:
-    if family == "klein":
-        size = {3072: "4B", 4096: "9B"}.get(hidden)
-        return f"FLUX.2 [klein] {size}" if size else f"FLUX.2 [klein] (hidden size {hidden})"
-    return "Z-Image" if hidden == 3840 else f"Z-Image (width {hidden})"
-
-
-def model_identity(shapes: dict) -> tuple[str, int]:
+def model_identity(shapes: dict) -> tuple[Family, int]:
     """(family, hidden width) of a loaded transformer, from its own parameter shapes."""
-    if "double_stream_modulation_img.lin.weight" in shapes:
-        return "klein", int(shapes["double_stream_modulation_img.lin.weight"][1])
-    if "x_embedder.weight" in shapes and any(k.startswith("noise_refiner.") for k in shapes):
-        return "zimage", int(shapes["x_embedder.weight"][0])
-    raise ValueError("not a klein or Z-Image transformer")
+    for family in FAMILIES.values():
+        width = family.keys.model_width(shapes)
+        if width is not None:
+            return family, width
+    raise ValueError("not a transformer of a known family")
 
 
-def guess_lora_target(names_and_in_dims: list[tuple[str, int | None]]) -> tuple[str | None, int | None, str]:
-    """(family, hidden width, description) a LoRA was made for, from its module names and input widths.
-    family None when the names say nothing (then key matching decides)."""
+def guess_lora_target(names_and_in_dims: list) -> tuple[object, int | None, str]:
+    """(family or "flux1" or None, width, description) a LoRA was made for, from its module names and input widths.
+    None when the names say nothing (then key matching decides)."""
     names = [n for n, _ in names_and_in_dims]
     if any(FLUX1.search(n) for n in names):
         return "flux1", None, "FLUX.1"
-    family = ("klein" if any(KLEIN.search(n) for n in names)
-              else "zimage" if any(ZIMAGE.search(n) for n in names) else None)
+    family = next((f for f in FAMILIES.values() if any(f.keys.LORA_MODULES.search(n) for n in names)), None)
     if family is None:
         return None, None, "an unknown model"
-    dims = [d for n, d in names_and_in_dims if d and HIDDEN_IN.search(n)]
-    hidden = max(set(dims), key=dims.count) if dims else None
-    if family == "klein" and hidden == 6144:
-        return "flux2-dev", hidden, "FLUX.2 [dev]"
-    return family, hidden, describe_model(family, hidden) if hidden else describe_model(family, 0).split(" (")[0]
+    dims = [d for n, d in names_and_in_dims if d and family.keys.LORA_WIDTH_MODULES.search(n)]
+    width = max(set(dims), key=dims.count) if dims else None
+    return family, width, family.keys.describe_width(width)

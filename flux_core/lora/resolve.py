@@ -17,8 +17,7 @@ from pathlib import Path
 
 from ..errors import WeightError
 from .formats import LoraFile, PeftAlpha, build_adapters, read_lora
-from .names import (build_table, describe_model, guess_lora_target, is_text_encoder, model_identity,
-                    strip_prefixes)
+from .names import build_table, guess_lora_target, is_text_encoder, model_identity, strip_prefixes
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 8
@@ -126,11 +125,11 @@ def resolve(lora, shapes: dict) -> ResolvedLora:
 
     out = {key: _dedupe(plist, report) for key, plist in pieces.items()}
     if not out:
-        raise WeightError(f"{Path(lf.path).name}: no tensor of this LoRA matches the {describe_model(family, hidden)} "
+        raise WeightError(f"{Path(lf.path).name}: no tensor of this LoRA matches the {family.keys.describe_width(hidden)} "
                           f"model ({report.total} tensors; first keys: {_listed(sorted(lf.modules)[:5])}). "
                           "Is it a LoRA for this model?")
     (log.info if report.clean else log.warning)("fluxcore: %s", report.message())
-    return ResolvedLora(lf.path, out, report, describe_model(family, hidden))
+    return ResolvedLora(lf.path, out, report, family.keys.describe_width(hidden))
 
 
 def _dedupe(plist: list, report: Report) -> list:
@@ -153,10 +152,10 @@ def _check_made_for(lf: LoraFile, found: list, family: str, hidden: int) -> None
     lfam, lhidden, what = guess_lora_target(dims)
     if lfam is None:
         return
-    mismatch = lfam != family or (lhidden is not None and lhidden != hidden)
+    mismatch = lfam is not family or (lhidden is not None and lhidden != hidden)
     if mismatch:
         raise WeightError(f"{Path(lf.path).name} is a LoRA for {what}, but the loaded model is "
-                          f"{describe_model(family, hidden)}. Pick a LoRA trained for this model.")
+                          f"{family.keys.describe_width(hidden)}. Pick a LoRA trained for this model.")
 
 
 def _in_dim(adapters) -> int | None:
@@ -172,7 +171,7 @@ def _check_shape(lf, family, hidden, source, target, shape, shapes) -> None:
     if got != want and int(_prod(got)) != int(_prod(want)):
         raise WeightError(f"{Path(lf.path).name}: {source} has shape {list(got)} but the model's "
                           f"{target.key} needs {list(want)}; this LoRA was made for a different model than "
-                          f"{describe_model(family, hidden)}. Pick a LoRA trained for this model.")
+                          f"{family.keys.describe_width(hidden)}. Pick a LoRA trained for this model.")
 
 
 def _prod(shape) -> int:
