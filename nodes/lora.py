@@ -48,4 +48,4 @@ class LoraLoader:
         ref = replace(model, loras=tuple(model.loras) + ((path, float(strength)),))
         loaded = ref.load()   # resolves the LoRA now: a wrong file fails on this node, named
         payload = describe(loaded, f"{len(ref.loras)} LoRA" + ("s" if len(ref.loras) > 1 else ""))
-        return ui(payload, (replace(ref, summary=payload),))
+        return ui(payload, (ref,))

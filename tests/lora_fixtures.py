@@ -414,3 +414,28 @@ def save(fx: Fixture, folder) -> str:
     path = f"{folder}/{fx.name}.safetensors"
     save_file({k: v.contiguous() for k, v in fx.sd.items()}, path, metadata=fx.metadata or None)
     return path
+
+
+# names the LoRA example workflows pick (workflows/fluxcore_*_lora.json); LoRAs have no standard download
+DEMO_LORAS = {"klein_style_lora.safetensors": ("klein", "kohya"),
+              "klein_detail_lora.safetensors": ("klein", "lokr_factor"),
+              "zimage_style_lora.safetensors": ("zimage", "musubi")}
+
+
+def write_demo_loras(paths: dict) -> dict:
+    """LoRAs for the tiny demo checkpoints (flux_core.demo.write_demo_checkpoints' {role: path}) under the names the
+    example workflows use, into <models root>/loras/. Returns {file name: path}."""
+    from flux_core import models
+    from flux_core.torch.lora import weight_shapes
+
+    folder = paths["klein"].parents[1] / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {}
+    for role, make in (("klein", klein_fixtures), ("zimage", zimage_fixtures)):
+        base = models.load_transformer(paths[role], "torch", dtype="float32")
+        made[role] = make(weight_shapes(base.module), base.module.state_dict())
+    out = {}
+    for name, (role, fmt) in DEMO_LORAS.items():
+        fx = made[role][fmt]
+        out[name] = save(Fixture(name[:-len(".safetensors")], fx.sd, fx.metadata, fx.expect), folder)
+    return out

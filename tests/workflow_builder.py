@@ -83,7 +83,7 @@ def loaders(g: Graph, model_file: str, vae_file: str, variant: str = "auto"):
     te = g.add("FluxCoreTextEncoderLoader", (0, 0), ["qwen_3_4b.safetensors", "auto", "auto", "none", ""],
                model_file="qwen_3_4b.safetensors")
     m = g.add("FluxCoreKleinModelLoader" if klein else "FluxCoreZImageModelLoader", (0, 220),
-              [model_file, "auto", "auto", "none", variant], model_file=model_file)
+              [model_file, "auto", "auto", "none", variant, False], model_file=model_file)
     vae = g.add("FluxCoreVAELoader", (0, 440), [vae_file, "auto", "auto"], model_file=vae_file)
     return te, m, vae
 
@@ -145,6 +145,28 @@ def build(info: dict) -> dict[str, dict]:
                 {"text_encoder": (te, 0), "model": (m, 0)})
     finish(g, m, (enc, 0), None, vae, [42, "randomize", 0, -1.0, 1024, 1024, 1, 1.0], "fluxcore_zimage")
     out["fluxcore_zimage_turbo_text_to_image"] = g.ui()
+
+    g = Graph(info)   # two chained LoRA Loader nodes: the encode and the sampler take the LoRA'd model
+    te, m, vae = loaders(g, "flux-2-klein-4b.safetensors", "flux2-vae.safetensors")
+    l1 = g.add("FluxCoreLoraLoader", (380, 220), ["klein_style_lora.safetensors", 0.8], {"model": (m, 0)},
+               title="LoRA 1 (any klein-4B LoRA in models/loras)")
+    l2 = g.add("FluxCoreLoraLoader", (380, 400), ["klein_detail_lora.safetensors", 0.5], {"model": (l1, 0)},
+               title="LoRA 2 (chain as many as you like)")
+    enc = g.add("FluxCoreQwen3Encode", (800, 0), ["a red fox sitting in fresh snow at sunrise, in the LoRA's style",
+                                                  "auto", ""], {"text_encoder": (te, 0), "model": (l2, 0)})
+    finish(g, l2, (enc, 0), None, vae, [42, "randomize", 0, -1.0, 1024, 1024, 1, 1.0], "fluxcore_klein_lora",
+           col=1220)
+    out["fluxcore_klein_lora"] = g.ui()
+
+    g = Graph(info)
+    te, m, vae = loaders(g, "z_image_turbo_bf16.safetensors", "ae.safetensors")
+    lz = g.add("FluxCoreLoraLoader", (380, 220), ["zimage_style_lora.safetensors", 1.0], {"model": (m, 0)},
+               title="LoRA (any Z-Image LoRA in models/loras)")
+    enc = g.add("FluxCoreQwen3Encode", (800, 0), ["a cozy reading nook by a rainy window, in the LoRA's style",
+                                                  "auto", ""], {"text_encoder": (te, 0), "model": (lz, 0)})
+    finish(g, lz, (enc, 0), None, vae, [42, "randomize", 0, -1.0, 1024, 1024, 1, 1.0], "fluxcore_zimage_lora",
+           col=1220)
+    out["fluxcore_zimage_lora"] = g.ui()
     return out
 
 
@@ -152,6 +174,15 @@ def main() -> None:
     import nodes
     from comfy_harness import object_info, ui_to_api
 
+    from flux_core.demo import write_demo_checkpoints
+    from lora_fixtures import write_demo_loras
+    from nodes import host
+
+    import tempfile
+
+    paths = write_demo_checkpoints(Path(tempfile.mkdtemp()) / "models")   # so the combos list the picked files
+    write_demo_loras(paths)
+    host.set_model_roots([paths["klein"].parents[1]])
     info = object_info(nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
     folder = ROOT / "workflows"
     (folder / "api").mkdir(parents=True, exist_ok=True)
