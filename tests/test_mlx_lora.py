@@ -83,7 +83,7 @@ def _quant_case(backend, mode, setup):
 
 
 @pytest.mark.parametrize("backend,mode", [("torch", "int8"), ("torch", "int4"), ("torch", "fp8"),
-                                          ("mlx", "int8"), ("mlx", "int4")])
+                                          ("mlx", "int8"), ("mlx", "int4"), ("mlx", "fp8")])
 def test_quantized_merge_requantizes_from_the_original(zimage, backend, mode):
     """A quantized layer: W' = Q(deq(Q(W)) + s·ΔW), one quantization of the merged float weight, so its error
     against the float merge is at most two rounding errors (the original's and the merge's: ≤ 2x the max error of
@@ -130,7 +130,8 @@ def _dequantized(backend, mod) -> dict:
 
     for name, m in mod.named_modules():
         if isinstance(m, nn.QuantizedLinear):
-            w = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits)
+            w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
+                              mode=getattr(m, "mode", "affine"))
             out[f"{name}.weight"] = np.array(w.astype(mx.float32)).astype(np.float64)
     return out
 
@@ -143,7 +144,9 @@ def _direct_error(backend, mode, w: np.ndarray) -> float:
         t = torch.from_numpy(w).float()
         d = DEQUANTIZERS[mode](*QUANTIZERS[mode](t), t.shape[1]).double().numpy()
     else:
-        bits = 8 if mode == "int8" else 4
-        q = mx.quantize(mx.array(w.astype(np.float32)), group_size=64, bits=bits)
-        d = np.array(mx.dequantize(*q, group_size=64, bits=bits)).astype(np.float64)
+        from flux_core.mlx.quant import SETTINGS
+
+        s = SETTINGS[mode]
+        q = mx.quantize(mx.array(w.astype(np.float32)), **s)
+        d = np.array(mx.dequantize(*q, **s).astype(mx.float32)).astype(np.float64)
     return float(np.abs(d - w).max() / np.abs(w).max())
