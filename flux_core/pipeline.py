@@ -242,6 +242,7 @@ def sample(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None =
     noise: optional explicit float32 [B, C, h, w] (the seed's noise otherwise). init_latent + strength < 1: start
     from the encoded image at σ[start] (image-to-image). callback(step, total, latent) after every step;
     interrupt() is polled before every step and raises Interrupted."""
+    model.activate()   # a LoRA'd handle shares its module with the base: merge this handle's LoRAs (no-op if held)
     req = prepare(model, cond, uncond, width=width, height=height, steps=steps, guidance=guidance,
                   batch_size=batch_size, init_latent=init_latent, strength=strength)
     family = model.family

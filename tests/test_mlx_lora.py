@@ -150,3 +150,19 @@ def _direct_error(backend, mode, w: np.ndarray) -> float:
         q = mx.quantize(mx.array(w.astype(np.float32)), **s)
         d = np.array(mx.dequantize(*q, **s).astype(mx.float32)).astype(np.float64)
     return float(np.abs(d - w).max() / np.abs(w).max())
+
+
+def test_mlx_handles_activate_their_loras(klein):
+    """The models API on MLX: a LoRA'd handle and the base share one module; sampling a handle activates it."""
+    kw = dict(backend="mlx", device="cpu", dtype="float32")
+    base = models.load_transformer(klein["path"], **kw)
+    lora = models.load_transformer(klein["path"], loras=[(klein["files"]["loha"], 0.6)], **kw)
+    assert lora.module is base.module
+    models.load_transformer(klein["path"], **kw)          # the base handle takes the LoRA out again ...
+    got = _mlx_weights(base.module)
+    assert all(np.array_equal(got[k], v.numpy()) for k, v in klein["base"].items())
+    lora.activate()                                       # ... and using the LoRA handle puts it back
+    want = expected_weights(klein["base"], [(klein["fixtures"]["loha"], 0.6)])
+    got = _mlx_weights(base.module)
+    assert max(float(np.abs(got[k] - want[k]).max() / np.abs(want[k]).max()) for k in want) <= 1e-6
+    models.load_transformer(klein["path"], **kw)
