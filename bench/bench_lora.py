@@ -37,6 +37,8 @@ P.add_argument("--backup", default="auto", choices=["auto", "device", "cpu"])
 A = P.parse_args()
 
 DEV = torch.device("cuda" if torch.cuda.is_available() and not A.tiny else "cpu")
+if A.tiny:   # toy matmuls on a shared CPU: extra threads only add contention noise to the step times
+    torch.set_num_threads(1)
 DT = torch.bfloat16 if DEV.type == "cuda" else torch.float32
 T0 = time.time()
 
