@@ -374,7 +374,7 @@ GN_EPS = 1e-6  # every GroupNorm in both VAEs (diffusers resnet_eps, BFL eps=1e-
 
 @dataclass
 class VAEConfig:
-    """Defaults are the real FLUX.2 VAE (diffusers `AutoencoderKLFlux2()` defaults, REFERENCE.md §1.6)."""
+    """Defaults are the real FLUX.2 VAE (diffusers `AutoencoderKLFlux2()` defaults, docs/MODELS.md §V1)."""
     kind: str = "flux2"                                       # "flux2" | "flux1"
     in_channels: int = 3
     out_channels: int = 3
