@@ -115,14 +115,11 @@ def test_klein_generation_with_lora_equals_diffusers(tmp_path):
     want_img = pipe(prompt=PROMPT, height=48, width=64, num_inference_steps=4,
                     generator=torch.Generator("cpu").manual_seed(1234), output_type="np").images[0]
 
-    TL.apply_loras(ours.module, [(lora, 0.8)])
-    try:
-        cond = pipeline.encode_prompt(te_m, [PROMPT], "klein")
-        res = pipeline.sample(ours, cond, None, width=64, height=64, steps=3, guidance=None, noise=noise)
-        gen = pipeline.generate(ours, te_m, vae_m, PROMPT, width=64, height=48, seed=1234,
-                                release_text_encoder=False)
-    finally:
-        TL.apply_loras(ours.module, [])
+    with_lora = models.with_loras(ours, [(lora, 0.8)])   # a handle on the same module; sampling activates it
+    cond = pipeline.encode_prompt(te_m, [PROMPT], "klein")
+    res = pipeline.sample(with_lora, cond, None, width=64, height=64, steps=3, guidance=None, noise=noise)
+    gen = pipeline.generate(with_lora, te_m, vae_m, PROMPT, width=64, height=48, seed=1234, release_text_encoder=False)
+    models.with_loras(ours)
     got = pack(res.latent)
     assert rel_err(got, want) <= 1e-4
     assert rel_err(plain, want) > 1e-2, "the LoRA must change the result for this comparison to mean anything"
@@ -162,11 +159,9 @@ def test_zimage_generation_with_lora_equals_diffusers(tmp_path):
     pipe.fuse_lora(lora_scale=0.7)
     want = _final(pipe, latents=noise.clone(), **kw)
 
-    TL.apply_loras(ours.module, [(lora, 0.7)])
-    try:
-        cond = pipeline.encode_prompt(te_m, [PROMPT], "zimage")
-        res = pipeline.sample(ours, cond, None, width=64, height=48, steps=4, guidance=0.0, noise=noise)
-    finally:
-        TL.apply_loras(ours.module, [])
+    cond = pipeline.encode_prompt(te_m, [PROMPT], "zimage")
+    res = pipeline.sample(models.with_loras(ours, [(lora, 0.7)]), cond, None, width=64, height=48, steps=4,
+                          guidance=0.0, noise=noise)
+    models.with_loras(ours)
     assert rel_err(res.latent, want) <= 1e-4
     assert rel_err(plain, want) > 1e-2
