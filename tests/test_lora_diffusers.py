@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lora_fixtures import expected_weights, save
+from lora_fixtures import save
 from test_lora import _build
 
 from flux_core.torch import lora as TL
