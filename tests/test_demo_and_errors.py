@@ -24,6 +24,7 @@ def _load(demo, key="klein", vae="flux2_vae"):
     return tr, te, models.load_vae(demo[vae], backend="torch", device="cpu")
 
 
+@pytest.mark.slow
 def test_demo_command_writes_both_images(demo, tmp_path):
     from flux_core.__main__ import main
 
