@@ -106,6 +106,7 @@ def test_final_latents_match_diffusers(setup, case):
     assert err <= 1e-4, f"{case}: final latents differ from Flux2KleinPipeline by {err:.2e}"
 
 
+@pytest.mark.slow
 def test_generate_uses_variant_defaults_and_reference_size(setup):
     """generate(): the distilled default is 4 steps; with no size given, the first reference sets it (diffusers)."""
     tr, te, vae = _ours(setup, True)
