@@ -114,8 +114,9 @@ def test_img2img_start_equals_diffusers_zimage_get_timesteps(steps):
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8, 50])
 def test_img2img_start_equals_diffusers_klein_get_timesteps(steps):
-    """The same rule on the klein schedule, against Flux2KleinInpaintPipeline.get_timesteps (diffusers 0.42.1 has no
-    klein img2img pipeline; its inpaint pipeline applies strength the same way)."""
+    """The same rule on a second schedule (klein's), against Flux2KleinInpaintPipeline.get_timesteps: the start index
+    must not depend on which schedule it cuts. (Our klein family exposes no img2img, and diffusers 0.42.1 has no klein
+    img2img pipeline; its inpaint pipeline applies strength the same way.)"""
     from diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint import Flux2KleinInpaintPipeline
 
     seq_len = 1024
