@@ -38,6 +38,7 @@ def demo(tmp_path_factory):
     host.set_model_roots([])
 
 
+@pytest.mark.slow
 def test_two_chained_lora_nodes_equal_the_cli_with_two_flags(demo, tmp_path):
     from flux_core.__main__ import main
 
@@ -75,6 +76,7 @@ def test_lora_for_another_model_fails_on_the_node(demo):
         run("FluxCoreLoraLoader", model=m, lora_name="musubi.safetensors", strength=1.0)
 
 
+@pytest.mark.slow
 def test_zimage_lora_node_applies(demo):
     te, m, v, _ = load_all(demo, model="z_image_turbo_bf16.safetensors", vae="ae.safetensors")
     (mz,), badge = run("FluxCoreLoraLoader", model=m, lora_name="musubi.safetensors", strength=1.0)
