@@ -339,6 +339,8 @@ class Offloader:
         self._hooks = []
         lst = _ACTIVE.get(str(self.device), [])
         lst[:] = [r for r in lst if r() is not None and r() is not self]
+        if getattr(self.module, "_fluxcore_offload", None) is self:
+            del self.module._fluxcore_offload
         with torch.inference_mode(False), torch.no_grad():
             for u in [self.base] + self.blocks:  # private copies, so the host buffers can go
                 for e in u.entries:
