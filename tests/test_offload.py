@@ -102,17 +102,20 @@ def test_model_mode_one_component_at_a_time():
     klein = _klein()
     vae = _randomize(Flux2VAE(VAEConfig(**VAE_COMMON)))
     inputs = _klein_inputs()
-    z = torch.randn(1, vae.latent_channels, 2, 3, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(1, vae.latent_channels, 8, 8, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
-        want_k, want_v = klein(*inputs), vae.decode(z)
+        want_k, want_v, want_tiled = klein(*inputs), vae.decode(z), vae.decode(z, tile=64)
     ok, ov = O.offload(klein, "cpu", "model", copy=True), O.offload(vae, "cpu", "model", copy=True)
     assert ok.state == ov.state == "host"
     with torch.inference_mode():
         got_k = klein(*inputs)
         assert ok.state == "resident" and ov.state == "host"
         got_v = vae.decode(z)
-        assert ok.state == "host" and ov.state == "resident"  # the VAE's decoder entry moved the transformer out
-    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+        assert ok.state == "host" and ov.state == "resident"  # the VAE's decode entry moved the transformer out
+        klein(*inputs)
+        got_tiled = vae.decode(z, tile=64)  # a tiled decode calls the decoder's parts, never its forward
+        assert ok.state == "host" and ov.state == "resident"
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v) and torch.equal(got_tiled, want_tiled)
     assert ok.device_bytes("resident") == ok.host_bytes
     ok.remove("resident")
     ov.remove("host")

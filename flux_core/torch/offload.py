@@ -13,9 +13,9 @@ Parameters are then re-pointed (`param.data = view`) at views of whichever buffe
             side CUDA stream into the other slot, after that slot's previous block finished (an event recorded
             after it). After block i, its parameters point back at the host buffer.
 Both modes drop to `host` whenever another offloaded component on the same device becomes active (one component on
-the device at a time) and come back on the next forward of an entry module (the model itself; a VAE's encoder and
-decoder). The pre-hook also moves the call's tensor arguments to the device, so callers that place inputs next to
-the first parameter keep working while it sits on the host.
+the device at a time) and come back on the next call of an entry point: the model's forward (its pre-hook also moves
+the call's tensor arguments to the device, so callers that place inputs next to the first parameter keep working
+while it sits on the host), or a VAE's `encode` / `decode` (activated before they read the VAE's device).
 
 On a CPU device there is nothing to move: the same code path runs with null streams and events and the slots are
 plain CPU buffers (`copy=True` forces the copies there, which is how the tests prove streamed == resident bit for
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 MODES = ("none", "model", "blocks")
 BLOCK_CONTAINERS = ("double_blocks", "single_blocks", "noise_refiner", "context_refiner", "layers")
 ALIGN = 256
+ENTRY_METHODS = ("encode", "decode")  # a VAE's work starts in these (they move inputs to the VAE's own device)
 _ACTIVE: dict[str, list] = {}  # device -> weakrefs of the Offloaders placed there (one active at a time)
 
 
@@ -318,14 +319,29 @@ class Offloader:
 
     # -------------------------------------------------------------------------------------------- hooks
     def _install_hooks(self) -> list:
-        handles = []
-        for m in entry_modules(self.module):
-            handles.append(m.register_forward_pre_hook(self._on_entry, with_kwargs=True))
+        """Entry points activate the component: a VAE's encode / decode methods (tiled passes call the encoder's
+        and decoder's parts, not their forward), else the module's forward; blocks get the streaming hooks."""
+        undo = []
+        if all(callable(getattr(self.module, n, None)) for n in ENTRY_METHODS) and hasattr(self.module, "decoder"):
+            for name in ENTRY_METHODS:
+                undo.append(self._wrap_method(name))
+        else:
+            undo.append(self.module.register_forward_pre_hook(self._on_entry, with_kwargs=True).remove)
         if self.mode == "blocks":
             for i, b in enumerate(self.block_modules):
-                handles.append(b.register_forward_pre_hook(lambda _m, _a, i=i: self._before_block(i)))
-                handles.append(b.register_forward_hook(lambda _m, _a, _o, i=i: self._after_block(i)))
-        return handles
+                undo.append(b.register_forward_pre_hook(lambda _m, _a, i=i: self._before_block(i)).remove)
+                undo.append(b.register_forward_hook(lambda _m, _a, _o, i=i: self._after_block(i)).remove)
+        return undo
+
+    def _wrap_method(self, name: str):
+        orig = getattr(self.module, name)
+
+        def entry(*args, **kwargs):
+            self.activate()
+            return orig(*args, **kwargs)
+
+        self.module.__dict__[name] = entry  # an instance attribute shadows the class method
+        return lambda: self.module.__dict__.pop(name, None)
 
     def _on_entry(self, _module, args, kwargs):
         self.activate()
@@ -334,8 +350,8 @@ class Offloader:
     def remove(self, state: str = "resident") -> nn.Module:
         """Undo the wrapper: leave the module plainly on the device (`resident`) or on the host (`host`)."""
         self.to_state("host")
-        for h in self._hooks:
-            h.remove()
+        for undo in self._hooks:
+            undo()
         self._hooks = []
         lst = _ACTIVE.get(str(self.device), [])
         lst[:] = [r for r in lst if r() is not None and r() is not self]
@@ -351,14 +367,6 @@ class Offloader:
                     else:
                         e.module._buffers[e.name] = v
         return self.module
-
-
-def entry_modules(module: nn.Module) -> list[nn.Module]:
-    """Where a component's work starts: a VAE's encoder and decoder (encode / decode call them), else the model."""
-    parts = [getattr(module, n, None) for n in ("encoder", "decoder")]
-    if all(isinstance(p, nn.Module) for p in parts):
-        return parts
-    return [module]
 
 
 def _to_device(obj, device):
