@@ -152,7 +152,8 @@ class _NullEvent:
 class Offloader:
     """Keeps `module`'s weights on the host and brings them to `device` when the module runs (see the header)."""
 
-    def __init__(self, module: nn.Module, device, mode: str, copy: bool | None = None, resident_blocks: int = 0):
+    def __init__(self, module: nn.Module, device, mode: str, copy: bool | None = None, resident_blocks: int = 0,
+                 exclusive: bool = True):
         if mode not in ("model", "blocks"):
             raise ConfigError(f"offload mode {mode!r}: Offloader takes 'model' or 'blocks' ('none' needs no wrapper)")
         self.module, self.mode = module, mode
@@ -168,7 +169,8 @@ class Offloader:
         self.base = _Unit(base, pin, "base")
         self.blocks = [_Unit(list(b.modules()), pin, f"block {i}") for i, b in enumerate(blocks)]
         self.block_modules = blocks
-        self.stream_ids = self._choose_streamed(resident_blocks) if mode == "blocks" else []
+        self.stream_ids = self._choose_streamed(resident_blocks)  # used in the blocks state (either mode can enter it)
+        self.exclusive = exclusive  # activating moves the device's other Offloaders out (off when a host manages it)
         self.sync = _Sync(self.device)
         self.state = "host"
         self.resident: dict[int, torch.Tensor] = {}  # unit index (-1 = base) -> its own device buffer
@@ -181,7 +183,8 @@ class Offloader:
         self._hooks = self._install_hooks()
         _ACTIVE.setdefault(str(self.device), []).append(weakref.ref(self))
         log.info("fluxcore: offload %s for %s on %s: %.2f GB on the host, %d of %d blocks streamed",
-                 mode, type(module).__name__, self.device, self.host_bytes / 1e9, len(self.stream_ids), len(blocks))
+                 mode, type(module).__name__, self.device, self.host_bytes / 1e9,
+                 len(self.stream_ids) if mode == "blocks" else 0, len(blocks))
 
     # -------------------------------------------------------------------------------------------- sizes
     @property
@@ -213,7 +216,7 @@ class Offloader:
         """host | resident | blocks. Entering a device state moves every other Offloader on the device to host."""
         if state == self.state:
             return
-        if state != "host":
+        if state != "host" and self.exclusive:
             for ref in list(_ACTIVE.get(str(self.device), [])):
                 other = ref()
                 if other is not None and other is not self and other.state != "host":
@@ -327,7 +330,7 @@ class Offloader:
                 undo.append(self._wrap_method(name))
         else:
             undo.append(self.module.register_forward_pre_hook(self._on_entry, with_kwargs=True).remove)
-        if self.mode == "blocks":
+        if self.block_modules:
             for i, b in enumerate(self.block_modules):
                 undo.append(b.register_forward_pre_hook(lambda _m, _a, i=i: self._before_block(i)).remove)
                 undo.append(b.register_forward_hook(lambda _m, _a, _o, i=i: self._after_block(i)).remove)
@@ -385,7 +388,8 @@ def _to_device(obj, device):
 
 # ------------------------------------------------------------------------------------------------ entry point
 
-def offload(module: nn.Module, device, mode: str, copy: bool | None = None, resident_blocks: int = 0):
+def offload(module: nn.Module, device, mode: str, copy: bool | None = None, resident_blocks: int = 0,
+            exclusive: bool = True):
     """Wrap `module` for `mode` (none | model | blocks); returns the Offloader (None for 'none').
 
     The module may come in on any device; afterwards its weights live on the host and come to `device` on use."""
@@ -396,7 +400,7 @@ def offload(module: nn.Module, device, mode: str, copy: bool | None = None, resi
     existing = getattr(module, "_fluxcore_offload", None)
     if existing is not None:
         raise ConfigError(f"{type(module).__name__} is already offloaded ({existing.mode}); remove() it first")
-    off = Offloader(module, device, mode, copy=copy, resident_blocks=resident_blocks)
+    off = Offloader(module, device, mode, copy=copy, resident_blocks=resident_blocks, exclusive=exclusive)
     module._fluxcore_offload = off
     return off
 
