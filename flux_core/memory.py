@@ -154,3 +154,35 @@ def cuda_free_bytes(device: str) -> Callable[[], int | None]:
         idx = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
         return int(torch.cuda.mem_get_info(idx)[0])
     return free
+
+
+OFFLOADS = ("auto", "none", "model", "blocks")
+
+
+def resolve_offload(requested: str, backend: str, device: str, specs: dict | None = None, kind: str = "transformer",
+                    dtype: str = "bfloat16", quantization: str = "none",
+                    free_bytes: Callable[[], int | None] | None = None) -> tuple[str, str]:
+    """(offload mode, why) for a component. Offload moves weights between host memory and a CUDA GPU; elsewhere
+    (MLX, MPS: unified memory; the CPU) the weights already live in host memory, so only none / auto are accepted.
+    auto on CUDA: none when the component fits in free memory, else blocks (model for a component without blocks)."""
+    requested = (requested or "auto").lower()
+    if requested not in OFFLOADS:
+        raise ConfigError(f"unknown offload {requested!r}: choose one of {', '.join(OFFLOADS)}")
+    cuda = backend == "torch" and device.startswith("cuda")
+    if not cuda:
+        where = "MLX (Apple's unified memory)" if backend == "mlx" else f"torch on {device}"
+        if requested in ("model", "blocks"):
+            raise ConfigError(f"offload {requested} moves weights between host memory and a CUDA GPU; with {where} "
+                              "the weights already live in the memory the compute uses, so there is nothing to move: "
+                              "use offload none (auto) and, to save memory, quantization int8 / int4")
+        return "none", f"offload none: {where} computes from the memory the weights live in"
+    if requested != "auto":
+        return requested, f"offload {requested} (your choice)"
+    free = free_bytes() if free_bytes is not None else None
+    if free is None or not specs:
+        return "none", "offload none (free memory unknown)"
+    if need_bytes(specs, kind, dtype, quantization, "none") <= free:
+        return "none", f"offload none ({free / GB:.1f} GB free is enough)"
+    mode = "blocks" if any(BLOCK_RE.search(k) for k in specs) else "model"
+    return mode, (f"offload {mode}: the {kind} needs {need_bytes(specs, kind, dtype, quantization) / GB:.1f} GB, "
+                  f"{free / GB:.1f} GB free")

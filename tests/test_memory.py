@@ -77,3 +77,21 @@ def test_unknown_formats_are_not_estimated(tmp_path):
     assert memory.checkpoint_specs(tmp_path / "x.gguf") is None
     assert memory.check_fits(tmp_path / "x.gguf", "transformer", "bfloat16", free_bytes=lambda: 1) is None
     assert memory.cuda_free_bytes("cpu")() is None
+
+
+def test_resolve_offload():
+    specs = _real_klein_specs()
+    free = lambda: int(6e9)  # noqa: E731
+    assert memory.resolve_offload("auto", "torch", "cuda", specs, free_bytes=free)[0] == "blocks"
+    assert memory.resolve_offload("auto", "torch", "cuda", specs, free_bytes=lambda: int(20e9))[0] == "none"
+    vae_like = {"decoder.conv_in.weight": memory.TensorSpec("F32", (512, 32, 3, 3000))}
+    assert memory.resolve_offload("auto", "torch", "cuda", vae_like, "vae", free_bytes=lambda: int(1e9))[0] == "model"
+    assert memory.resolve_offload("blocks", "torch", "cuda:1")[0] == "blocks"
+    assert memory.resolve_offload("auto", "torch", "cuda", specs, free_bytes=lambda: None)[0] == "none"
+    mode, why = memory.resolve_offload("auto", "mlx", "gpu")
+    assert mode == "none" and "unified memory" in why
+    for backend, device in (("mlx", "gpu"), ("torch", "cpu"), ("torch", "mps")):
+        with pytest.raises(ConfigError, match="nothing to move: use offload none"):
+            memory.resolve_offload("blocks", backend, device)
+    with pytest.raises(ConfigError, match="none, model, blocks"):
+        memory.resolve_offload("layers", "torch", "cuda")
