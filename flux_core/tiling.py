@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 AUTO_PIXELS = 2 * 1024 * 1024     # above ~2 MP, "auto" tiles
 DEFAULT_TILE = 768                # pixels per tile side for "auto"
 MIN_TILE = 64
-# Peak decode working memory per output pixel and per byte of the compute dtype, measured on the H200 for the FLUX.2
-# VAE at 1024² in bf16 (about 2.6 GB above the weights: 2.6e9 / 1024² / 2 bytes); encode needs about half of that.
-DECODE_BYTES_PER_PIXEL_PER_DTYPE_BYTE = 1240
+# Peak decode working memory per output pixel and per byte of the compute dtype: the FLUX.2 VAE at 1024² in bf16
+# took 2.55 GB above its weights on the H200 (docs/PERF.md, 2026-12-02): 2.55e9 / 1024² / 2 bytes = 1217.
+DECODE_BYTES_PER_PIXEL_PER_DTYPE_BYTE = 1220
 
 
 def spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
