@@ -27,11 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flux_core.configs import KleinConfig, Qwen3Config, VAEConfig  # noqa: E402
 from flux_core.demo import KLEIN, QWEN, VAE_COMMON  # noqa: E402
 from flux_core.torch import offload as O  # noqa: E402
-from flux_core.torch.klein import Flux2Transformer, KleinConfig, position_ids, text_ids  # noqa: E402
-from flux_core.torch.qwen3 import Qwen3Config, Qwen3Encoder  # noqa: E402
-from flux_core.torch.vae import Flux2VAE, VAEConfig  # noqa: E402
+from flux_core.torch.klein import Flux2Transformer, position_ids, text_ids  # noqa: E402
+from flux_core.torch.qwen3 import Qwen3Encoder  # noqa: E402
+from flux_core.torch.vae import Flux2VAE  # noqa: E402
 
 P = argparse.ArgumentParser()
 P.add_argument("--tiny", action="store_true")

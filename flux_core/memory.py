@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .configs import BLOCK_CONTAINERS
 from .errors import ConfigError
 
 GB = 1e9
-BLOCK_RE = re.compile(r"(?:^|\.)(double_blocks|single_blocks|layers|noise_refiner|context_refiner)\.(\d+)\.")
+BLOCK_RE = re.compile(r"(?:^|\.)(" + "|".join(BLOCK_CONTAINERS) + r")\.(\d+)\.")
 INT4_GROUP = 64
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Working memory above the weights while the component runs (1024², batch 1), from the H200 measurements in

@@ -29,9 +29,10 @@ spec = importlib.util.spec_from_file_location("fluxcore_memory", ROOT / "nodes" 
 memory = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(memory)
 
+from flux_core.configs import KleinConfig  # noqa: E402
 from flux_core.demo import KLEIN  # noqa: E402
 from flux_core.torch import offload as O  # noqa: E402
-from flux_core.torch.klein import Flux2Transformer, KleinConfig, position_ids, text_ids  # noqa: E402
+from flux_core.torch.klein import Flux2Transformer, position_ids, text_ids  # noqa: E402
 
 torch.manual_seed(0)
 net = Flux2Transformer(KleinConfig(**KLEIN)).eval().requires_grad_(False)

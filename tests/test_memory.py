@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from flux_core import memory
+from flux_core.configs import KleinConfig
 from flux_core.demo import write_demo_checkpoints
 from flux_core.errors import ConfigError
 from flux_core.torch import offload as O
-from flux_core.torch.klein import Flux2Transformer, KleinConfig, load_klein
+from flux_core.torch.klein import Flux2Transformer, load_klein
 from flux_core.torch.quant import module_bytes, quantize_model
 
 

@@ -7,14 +7,15 @@ reference is the same model, resident and unwrapped. Bit-identical because weigh
 import pytest
 import torch
 
+from flux_core.configs import KleinConfig, Qwen3Config, VAEConfig, ZImageConfig
 from flux_core.demo import KLEIN, QWEN, VAE_COMMON, ZIMAGE
 from flux_core.errors import ConfigError
 from flux_core.torch import offload as O
-from flux_core.torch.klein import Flux2Transformer, KleinConfig, position_ids, text_ids
-from flux_core.torch.qwen3 import Qwen3Config, Qwen3Encoder
+from flux_core.torch.klein import Flux2Transformer, position_ids, text_ids
+from flux_core.torch.qwen3 import Qwen3Encoder
 from flux_core.torch.quant import quantize_model
-from flux_core.torch.vae import Flux2VAE, VAEConfig
-from flux_core.torch.zimage import ZImageConfig, ZImageTransformer
+from flux_core.torch.vae import Flux2VAE
+from flux_core.torch.zimage import ZImageTransformer
 
 
 def _randomize(model, seed=0):

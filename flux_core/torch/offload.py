@@ -39,11 +39,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .common import blocks as find_blocks
 
 log = logging.getLogger(__name__)
 
 MODES = ("none", "model", "blocks")
-BLOCK_CONTAINERS = ("double_blocks", "single_blocks", "noise_refiner", "context_refiner", "layers")
 ALIGN = 256
 ENTRY_METHODS = ("encode", "decode")  # a VAE's work starts in these (they move inputs to the VAE's own device)
 _ACTIVE: dict[str, list] = {}  # device -> weakrefs of the Offloaders placed there (one active at a time)
@@ -160,7 +160,7 @@ class Offloader:
         self.device = torch.device(device)
         self.copy = self.device.type != "cpu" if copy is None else bool(copy)
         pin = self.device.type == "cuda" and torch.cuda.is_available()
-        blocks = [b for name in BLOCK_CONTAINERS for b in getattr(module, name, ())]
+        blocks = find_blocks(module)  # in forward order: the streaming schedule
         if mode == "blocks" and not blocks:
             raise ConfigError(f"offload 'blocks' needs a model with transformer blocks; {type(module).__name__} has "
                               "none: use offload 'model' for it")
