@@ -8,8 +8,9 @@ a byte + a float32 scale per 64 inputs. Offload `blocks` keeps everything outsid
 largest block; `model` and `none` need the whole component while it runs. A working-memory allowance per component
 (activations at 1024², measured on the H200) is added.
 
-Free memory is known only on CUDA (`torch.cuda.mem_get_info`); elsewhere (CPU, MPS, MLX's unified memory) nothing is
-refused here. `check_fits` takes the free-memory function as an argument so that tests can fake it.
+Free memory is known only on CUDA (`torch.cuda.mem_get_info`, `backend.free_bytes`); elsewhere (CPU, MPS, MLX's
+unified memory) nothing is refused here. `check_fits` takes the free-memory function as an argument so that tests
+can fake it.
 """
 from __future__ import annotations
 
@@ -141,20 +142,6 @@ def check_fits(path, kind: str, dtype: str, quantization: str = "none", offload:
         advice = ("no quantization / offload combination fits either: free memory (close other programs, unload "
                   "other models) or run on the CPU (--device cpu)")
     raise ConfigError(f"{name} needs {need / GB:.1f} GB, {free / GB:.1f} GB free: {advice}")
-
-
-def cuda_free_bytes(device: str) -> Callable[[], int | None]:
-    """A free-memory function for a torch device string: CUDA's mem_get_info, None for anything else."""
-    def free():
-        if not device.startswith("cuda"):
-            return None
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        idx = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
-        return int(torch.cuda.mem_get_info(idx)[0])
-    return free
 
 
 OFFLOADS = ("auto", "none", "model", "blocks")

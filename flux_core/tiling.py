@@ -71,13 +71,14 @@ def decode_geometry(tile_px: int, overlap_px: int | None = None, factor: int = 8
     """Pixel tile / overlap -> latent units (the raw VAE latent is 1/factor of the image per side)."""
     if tile_px < MIN_TILE or tile_px % factor:
         raise ConfigError(f"VAE tile size {tile_px} px: use a multiple of {factor} of at least {MIN_TILE} px")
-    overlap_px = default_overlap(tile_px) if overlap_px is None else overlap_px
+    overlap_px = default_overlap(tile_px, factor) if overlap_px is None else overlap_px
     return tile_px // factor, max(1, overlap_px // factor)
 
 
-def default_overlap(tile_px: int) -> int:
-    """1/4 of the tile (at least 32 px), a multiple of 8: wide enough that the ramps cover the border artefacts."""
-    return max(32, tile_px // 4 // 8 * 8)
+def default_overlap(tile_px: int, factor: int = 8) -> int:
+    """1/4 of the tile (at least 32 px), a multiple of the latent factor: wide enough for the ramps to cover the
+    border artefacts."""
+    return max(32, tile_px // 4 // factor * factor)
 
 
 def decode_bytes(height: int, width: int, dtype_bytes: int) -> int:

@@ -72,3 +72,22 @@ def empty_cache() -> None:
     mps = getattr(torch, "mps", None)
     if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         mps.empty_cache()
+
+
+def free_bytes(device: str) -> int | None:
+    """Free memory of a CUDA device (what `cudaMemGetInfo` reports); None elsewhere (CPU, MPS: unknown or shared)."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    idx = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    return int(torch.cuda.mem_get_info(idx)[0])
+
+
+def offload(module, device: str, mode: str) -> str:
+    """Wrap a module loaded on the host for `mode` (model | blocks) on `device` (flux_core/torch/offload.py)."""
+    from .offload import offload as wrap
+
+    off = wrap(module, device, mode)
+    streamed = f", {len(off.stream_ids)} blocks streamed" if mode == "blocks" else ""
+    return (f"offload {mode}: {off.host_bytes / 1e9:.2f} GB in pinned host memory, "
+            f"{off.device_bytes('resident' if mode == 'model' else 'blocks') / 1e9:.2f} GB on {device} while it "
+            f"runs{streamed}")
