@@ -184,9 +184,10 @@ def free_bytes(choice: Choice) -> int | None:
     return impl(choice.backend).free_bytes(choice.device)
 
 
-def offload(choice: Choice, module, mode: str) -> str:
-    """Keep a host-loaded module's weights on the host and bring them to the device when it runs (docs/MEMORY.md)."""
-    return impl(choice.backend).offload(module, choice.device, mode)
+def offload(choice: Choice, module, mode: str, spare_bytes: int = 0) -> str:
+    """Keep a host-loaded module's weights on the host and bring them to the device when it runs (docs/MEMORY.md);
+    `spare_bytes` of device memory beyond the streaming minimum keep some blocks resident (fewer copies per step)."""
+    return impl(choice.backend).offload(module, choice.device, mode, spare_bytes)
 
 
 def device_memory_gb(backend: str, device: str) -> float:

@@ -102,19 +102,25 @@ def _resolve(backend: str, device: str | None, dtype: str | None):
 
 
 def _placement(path, kind: str, choice, dtype: str, quantization: str, offload: str):
-    """(offload mode, the Choice to load with, why): resolve `auto` from the free memory, refuse what cannot fit
-    (before anything is read), and load on the host when the weights are to be offloaded."""
+    """(offload mode, the Choice to load with, why, spare bytes): resolve `auto` from the free memory, refuse what
+    cannot fit (before anything is read), and load on the host when the weights are to be offloaded."""
     free = backends.free_bytes(choice)
     specs = memory.checkpoint_specs(path, kind)
     mode, why = memory.resolve_offload(offload, choice.backend, choice.device, specs, kind, dtype, quantization,
                                        lambda: free)
-    memory.check_fits(path, kind, dtype, quantization, mode, lambda: free)
-    return mode, (replace(choice, device="cpu") if mode != "none" else choice), why
+    if offload == "auto" and mode == "none" and free is not None and any(
+            m.offload != "none" and m.device == choice.device for m in cached_models()):
+        # an offloaded component measured the free memory without this one: it must take turns with it, or it
+        # would hold its memory while that one runs
+        mode, why = "model", "offload model: other components on this device are offloaded and take turns with it"
+    need = memory.check_fits(path, kind, dtype, quantization, mode, lambda: free)
+    spare = max(0, free - need) if free is not None and need is not None else 0
+    return mode, (replace(choice, device="cpu") if mode != "none" else choice), why, spare
 
 
-def _offload(choice, module, mode: str, notes: list) -> None:
+def _offload(choice, module, mode: str, notes: list, spare: int = 0) -> None:
     if mode != "none":
-        notes.append(backends.offload(choice, module, mode))
+        notes.append(backends.offload(choice, module, mode, spare))
 
 
 def load_transformer(path, backend: str = "auto", device: str | None = None, dtype: str | None = None,
@@ -128,7 +134,7 @@ def load_transformer(path, backend: str = "auto", device: str | None = None, dty
     backends.check_quantization(quantization, choice)
 
     def build():
-        mode, load_choice, why = _placement(path, "transformer", choice, dt, quantization, offload)
+        mode, load_choice, why, spare = _placement(path, "transformer", choice, dt, quantization, offload)
         if compile and mode != "none":
             raise ConfigError(f"compile cannot be combined with offload {mode} (the weights move between the "
                               "compiled calls): turn compile off, or free memory for offload none")
@@ -149,7 +155,7 @@ def load_transformer(path, backend: str = "auto", device: str | None = None, dty
                 notes.append(f"{'distilled' if flag else 'base'} (from the checkpoint's metadata)")
         module = backends.load_transformer(load_choice, family, ckpt, dt, quantization)
         notes.append(why)
-        _offload(choice, module, mode, notes)
+        _offload(choice, module, mode, notes, spare)
         if compile:
             notes.append(backends.compile_blocks(module, choice))
         variant = family.variant(flag, module.config)
@@ -172,11 +178,11 @@ def load_text_encoder(path, tokenizer: str | None = None, backend: str = "auto",
     tok_dir = find_tokenizer(explicit=tokenizer, near=(path,), extra_dirs=tuple(tokenizer_search))
 
     def build():
-        mode, load_choice, why = _placement(path, "text_encoder", choice, dt, quantization, offload)
+        mode, load_choice, why, spare = _placement(path, "text_encoder", choice, dt, quantization, offload)
         ckpt = load_checkpoint(path, component="text_encoder")
         encoder = backends.build_text_encoder(load_choice, ckpt, dt, quantization, QwenTokenizer(tok_dir))
         notes = [choice.reason, f"tokenizer: {tok_dir}", why]
-        _offload(choice, encoder.model, mode, notes)
+        _offload(choice, encoder.model, mode, notes, spare)
         return LoadedModel("text_encoder", encoder, ckpt.source, choice.backend, choice.device, dt, quantization,
                            None, notes, mode)
 
@@ -191,7 +197,7 @@ def load_vae(path, backend: str = "auto", device: str | None = None, dtype: str 
     offload = "model" if offload == "blocks" else offload
 
     def build():
-        mode, load_choice, why = _placement(path, "vae", choice, dt, "none", offload)
+        mode, load_choice, why, _ = _placement(path, "vae", choice, dt, "none", offload)
         ckpt = load_checkpoint(path, component="vae")
         vae = backends.load_vae(load_choice, ckpt, dt)
         notes = [choice.reason, f"{vae.kind.upper()} VAE detected from the keys", why]

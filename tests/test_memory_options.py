@@ -26,7 +26,7 @@ def test_placement_from_free_memory(demo, monkeypatch):
     blocks_need = memory.need_bytes(specs, "transformer", "bfloat16", offload="blocks")
     for free, want in [(none_need + 1, "none"), (blocks_need + 1, "blocks")]:
         monkeypatch.setattr(backends, "free_bytes", lambda choice, free=free: free)
-        mode, load_choice, why = models._placement(path, "transformer", _cuda_choice(), "bfloat16", "none", "auto")
+        mode, load_choice, why, _ = models._placement(path, "transformer", _cuda_choice(), "bfloat16", "none", "auto")
         assert mode == want and load_choice.device == ("cuda" if want == "none" else "cpu"), why
     monkeypatch.setattr(backends, "free_bytes", lambda choice: int(0.5e9))
     with pytest.raises(ConfigError, match=r"needs 1\.0 GB, 0\.5 GB free: no quantization / offload combination"):
@@ -71,3 +71,44 @@ def test_generation_with_everything_offloaded_is_identical(demo):
     assert np.array_equal(got.images, want.images)
     assert offs[2].state == "resident" and offs[0].state == offs[1].state == "host"  # one component at a time
     models.release()
+
+
+def test_auto_takes_turns_with_offloaded_components(demo, monkeypatch):
+    """A component that fits is still offloaded (model) when another one on the device is: that one measured the
+    free memory without it and must not find it resident when it runs."""
+    import types
+
+    monkeypatch.setattr(backends, "free_bytes", lambda choice: int(100e9))
+    mode, _, _, spare = models._placement(demo["flux2_vae"], "vae", _cuda_choice(), "bfloat16", "none", "auto")
+    assert mode == "none" and spare > 90e9
+    monkeypatch.setattr(models, "cached_models", lambda: [types.SimpleNamespace(offload="blocks", device="cuda")])
+    mode, load_choice, why, _ = models._placement(demo["flux2_vae"], "vae", _cuda_choice(), "bfloat16", "none", "auto")
+    assert mode == "model" and load_choice.device == "cpu" and "take turns" in why
+    # an explicit choice is kept
+    assert models._placement(demo["flux2_vae"], "vae", _cuda_choice(), "bfloat16", "none", "none")[0] == "none"
+
+
+def test_spare_memory_keeps_blocks_resident(demo):
+    from flux_core.torch import loaders
+    from flux_core.torch.klein import load_klein
+
+    m = load_klein(demo["klein"])
+    block = sum(t.numel() * t.element_size() for t in m.single_blocks[0].parameters())
+    note = loaders.offload(m, "cpu", "blocks", spare_bytes=int(3 * block / 0.7) + 1)
+    off = O.offloader_of(m)
+    assert len(off.blocks) - len(off.stream_ids) >= 2 and "blocks streamed" in note
+
+
+def test_node_memory_outside_comfyui(demo, monkeypatch):
+    import types
+
+    from nodes import memory as node_memory
+
+    m = models.load_vae(demo["flux2_vae"], "torch", "cpu", "float32")
+    assert node_memory.use(m) is False and node_memory.patcher_for(m) is None  # no ComfyUI, and a CPU model
+    assert node_memory.resolve_offload("auto") == "auto" and node_memory.resolve_offload("none") == "none"
+    off = types.SimpleNamespace(stream_ids=[0, 1], mode="model", device_bytes=lambda state=None: 100)
+    assert node_memory.target_state(off, 100) == "resident" and node_memory.target_state(off, 99) == "blocks"
+    monkeypatch.setattr(node_memory, "lowvram", lambda: True)
+    assert node_memory.target_state(off, 10**12) == "blocks" and node_memory.resolve_offload("auto") == "blocks"
+    assert node_memory.target_state(types.SimpleNamespace(stream_ids=[], mode="model"), 0) == "resident"

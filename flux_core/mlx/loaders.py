@@ -66,7 +66,7 @@ def free_bytes(device: str) -> None:
     return None
 
 
-def offload(module, device: str, mode: str) -> str:
+def offload(module, device: str, mode: str, spare_bytes: int = 0) -> str:
     """MLX computes from the memory the weights live in: nothing to move (`memory.resolve_offload` says so first)."""
     from ..errors import ConfigError
 

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("none", "model", "blocks")
 ALIGN = 256
+RESIDENT_SHARE = 0.7  # of the device memory left after the streaming minimum, what resident blocks may take
 ENTRY_METHODS = ("encode", "decode")  # a VAE's work starts in these (they move inputs to the VAE's own device)
 _ACTIVE: dict[str, list] = {}  # device -> weakrefs of the Offloaders placed there (one active at a time)
 
