@@ -27,7 +27,7 @@ AUTO_PIXELS = 2 * 1024 * 1024     # above ~2 MP, "auto" tiles
 DEFAULT_TILE = 768                # pixels per tile side for "auto"
 MIN_TILE = 64
 # Peak decode working memory per output pixel and per byte of the compute dtype: the FLUX.2 VAE at 1024² in bf16
-# took 2.55 GB above its weights on the H200 (docs/PERF.md, 2026-12-02): 2.55e9 / 1024² / 2 bytes = 1217.
+# took 2.55 GB above its weights on the H200 (docs/PERF.md §P9): 2.55e9 / 1024² / 2 bytes = 1217.
 DECODE_BYTES_PER_PIXEL_PER_DTYPE_BYTE = 1220
 
 
