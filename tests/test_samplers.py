@@ -247,6 +247,19 @@ class Model:
 
 out = {name: fn(Model(), x.clone(), sigmas, disable=True).numpy()
        for name, fn in (("res_multistep", K.sample_res_multistep), ("euler", K.sample_euler))}
+
+# the schedules of the official templates: klein's Flux2Scheduler(steps, width, height); Z-Image's
+# ModelSamplingAuraFlow(shift 3) (flow sampling, multiplier 1.0) with KSampler's "simple" scheduler
+from comfy_extras.nodes_flux import Flux2Scheduler
+import comfy.model_sampling, comfy.samplers
+for steps, width, height in ((4, 1024, 1024), (50, 1024, 768), (4, 512, 512)):
+    out[f"klein_{steps}_{width}_{height}"] = np.asarray(Flux2Scheduler.execute(steps, width, height)[0])
+class AuraFlow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+    pass
+ms = AuraFlow()
+ms.set_parameters(shift=3.0, multiplier=1.0)
+for steps in (8, 9, 10, 50):
+    out[f"zimage_{steps}"] = comfy.samplers.simple_scheduler(ms, steps).numpy()
 np.savez(OUT, **out)
 """
 
@@ -273,3 +286,12 @@ def test_equals_comfyui_own_samplers(tmp_path, name):
         ours = samplers.run(sampler, our_denoiser(params), x.clone(), sigmas, kind)
         assert rel_err(ours, torch.from_numpy(theirs[sampler])) <= TOL, sampler
     assert rel_err(torch.from_numpy(theirs["res_multistep"]), torch.from_numpy(theirs["euler"])) > 1e-3
+    # the sigmas: ours (diffusers' schedules) equal the official templates' to float32 rounding
+    for steps, width, height in ((4, 1024, 1024), (50, 1024, 768), (4, 512, 512)):
+        ref = theirs[f"klein_{steps}_{width}_{height}"]
+        np.testing.assert_allclose(schedule.klein_sigmas(steps, width * height // 256), ref, rtol=2e-6, atol=1e-7)
+    for steps in (8, 10, 50):
+        np.testing.assert_allclose(schedule.zimage_sigmas(steps), theirs[f"zimage_{steps}"], rtol=2e-6, atol=1e-7)
+    # "simple" picks from a 1000-entry table: t = 1 − floor(k·1000/N)/1000, on linspace's grid only when N divides
+    # 1000 (docs/COMFYUI.md says so); 9 steps land up to ~2e-3 away in σ
+    assert 1e-4 < np.abs(schedule.zimage_sigmas(9) - theirs["zimage_9"]).max() < 3e-3
