@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import WeightError
+from typing import Mapping
+
+from ..errors import ConfigError, WeightError
 
 # Keys ComfyUI's fp8-scaled and other quantized exports add next to the weights.
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -106,6 +108,18 @@ def load_checkpoint(path: str | os.PathLike, component: str | None = None) -> Ch
         except ValueError:
             config = None
     return Checkpoint(dequantize_scaled(sd), config, meta, str(p))
+
+
+def as_checkpoint(source, component: str | None = None) -> Checkpoint:
+    """What every model loader accepts: a path (file, component folder or pipeline folder, see `load_checkpoint`),
+    an already-read `Checkpoint`, or a plain state dict {key: tensor}."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, Mapping):
+        return Checkpoint(dict(source), None, {}, "<state dict>")
+    if isinstance(source, (str, os.PathLike)):
+        return load_checkpoint(source, component=component)
+    raise ConfigError(f"expected a checkpoint path, a Checkpoint or a state dict, got {type(source).__name__}")
 
 
 def save_safetensors(sd: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
