@@ -1,14 +1,14 @@
 """The sampling loops, backend-neutral: each takes a denoiser closure and works on torch tensors and mx arrays alike.
 
 A denoiser maps (latent x float32, model time t) to the velocity v = noise − x0 in float32 for both families (see
-`flux_core/torch/runtime.py` and `flux_core/mlx/runtime.py`); the sigmas come from `flux_core/schedule.py` and
-run from 1 (noise) down to 0. All arithmetic on the latent is array ⊙ Python float, so the same code serves both
-backends and keeps float32.
+`flux_core/torch/runtime.py` and `flux_core/mlx/runtime.py`); the sigmas come from the family (`Family.sigmas`,
+`flux_core/schedule.py`) and run from 1 (noise) down to 0; `Family.model_time` maps σ to the network's time.
+All arithmetic on the latent is array ⊙ Python float, so the same code serves both backends and keeps float32.
 
   euler          x ← x + (σ_{i+1} − σ_i)·v. What diffusers' FlowMatchEulerDiscreteScheduler does, and ComfyUI's
                  `euler` on the same sigmas (its d = (x − x0)/σ is our v).
   res_multistep  ComfyUI's `res_multistep` (eta 0: no noise added), the sampler its official Z-Image-Turbo template
-                 uses: a second-order exponential multistep method (Zhang & Chen's DEIS/RES family, arXiv
+                 uses: a second-order exponential multistep method (the paper ComfyUI's code cites is arXiv
                  2308.02157) on the denoised prediction x0 = x − σ·v, reusing the previous step's x0, so it costs
                  one model call per step like Euler. The first step, and a step to σ = 0, are Euler steps.
                  Written from ComfyUI `comfy/k_diffusion/sampling.py` (`res_multistep`, `sample_res_multistep`):
@@ -26,7 +26,6 @@ from typing import Callable
 
 import numpy as np
 
-from . import schedule
 from .errors import ConfigError, Interrupted
 
 SAMPLERS = ("euler", "res_multistep")
@@ -39,7 +38,7 @@ def check_sampler(name: str) -> str:
     return name
 
 
-def run(name: str, denoise: Callable, x, sigmas, kind: str, start: int = 0, callback=None, interrupt=None,
+def run(name: str, denoise: Callable, x, sigmas, family, start: int = 0, callback=None, interrupt=None,
         ops=None):
     """Run sampler `name` from sigmas[start] to the end. callback(step, total, x) after every step; interrupt() is
     polled before every step and raises Interrupted; ops.step_done(x) ends each step (MLX evaluates there)."""
@@ -48,7 +47,7 @@ def run(name: str, denoise: Callable, x, sigmas, kind: str, start: int = 0, call
     for n, i in enumerate(range(start, len(sigmas) - 1)):
         if interrupt is not None and interrupt():
             raise Interrupted(f"interrupted before step {n + 1} of {total}")
-        v = denoise(x, schedule.model_time(sigmas[i], kind))
+        v = denoise(x, family.model_time(sigmas[i]))
         x = step(x, v, sigmas, i)
         if ops is not None:
             x = ops.step_done(x)
@@ -79,7 +78,7 @@ class _ResMultistep:
 
 
 def res_multistep_coefficients(s_prev: float, s: float, s_next: float) -> tuple[float, float, float]:
-    """(e^{−h}, h·b1, h·b2) of the second-order step from σ = s to s_next, the previous step having been at s_prev."""
+    """(e^{−h}, h·b1, h·b2) of the second-order step from σ = s to s_next; the previous step was at s_prev."""
     t, t_next, t_prev = -math.log(s), -math.log(s_next), -math.log(s_prev)
     h = t_next - t
     if h == 0.0:  # a repeated sigma: ComfyUI's coefficients are NaN there and it zeroes them (x unchanged)

@@ -15,6 +15,7 @@ Tolerance: 1e-5 relative (float32; the scalars are float32 torch in ComfyUI and 
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from flux_core import pipeline, samplers, schedule
+from flux_core import families, pipeline, samplers, schedule
 from flux_core.errors import ConfigError, Interrupted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +52,10 @@ def our_denoiser(params):
     return lambda x, t: velocity(params, x, t)
 
 
-def comfy_model(params, kind: str):
+def comfy_model(params, family):
     """What a ComfyUI sampler calls: model(x, σ·s_in) -> denoised, our v at the model time we would feed."""
     def model(x, sigma):
-        t = schedule.model_time(np.float32(sigma[0].item()), kind)
+        t = family.model_time(np.float32(sigma[0].item()))
         return x - sigma.view(-1, 1, 1, 1) * velocity(params, x, t)
     return model
 
@@ -103,35 +104,36 @@ def noise(seed: int = 1):
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
+KLEIN, ZIMAGE = families.get("klein"), families.get("zimage")
 SCHEDULES = {  # the official templates' schedules: Z-Image-Turbo 8 steps, klein 4 steps, base 50 steps
-    "zimage-8": ("zimage", lambda: schedule.zimage_sigmas(8)),
-    "klein-4": ("klein", lambda: schedule.klein_sigmas(4, 4096)),
-    "klein-50": ("klein", lambda: schedule.klein_sigmas(50, 1024)),
-    "zimage-3": ("zimage", lambda: schedule.zimage_sigmas(3)),
+    "zimage-8": (ZIMAGE, lambda: schedule.zimage_sigmas(8)),
+    "klein-4": (KLEIN, lambda: schedule.klein_sigmas(4, 4096)),
+    "klein-50": (KLEIN, lambda: schedule.klein_sigmas(50, 1024)),
+    "zimage-3": (ZIMAGE, lambda: schedule.zimage_sigmas(3)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_res_multistep_equals_comfyui_math(name):
-    kind, make = SCHEDULES[name]
+    family, make = SCHEDULES[name]
     sigmas = make()
     params = linear_model(7)
-    ours = samplers.run("res_multistep", our_denoiser(params), noise(), sigmas, kind)
-    ref = comfy_res_multistep(comfy_model(params, kind), noise(), torch.from_numpy(sigmas))
+    ours = samplers.run("res_multistep", our_denoiser(params), noise(), sigmas, family)
+    ref = comfy_res_multistep(comfy_model(params, family), noise(), torch.from_numpy(sigmas))
     assert rel_err(ours, ref) <= TOL
     # and it is a different sampler: the second-order steps move the result well past float32 noise
-    euler = samplers.run("euler", our_denoiser(params), noise(), sigmas, kind)
+    euler = samplers.run("euler", our_denoiser(params), noise(), sigmas, family)
     assert rel_err(euler, ref) > 1e-3
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_euler_equals_comfyui_math_and_the_pipeline_loop(name):
-    kind, make = SCHEDULES[name]
+    family, make = SCHEDULES[name]
     sigmas = make()
     params = linear_model(3)
-    ours = samplers.run("euler", our_denoiser(params), noise(), sigmas, kind)
-    assert torch.equal(ours, pipeline.euler(our_denoiser(params), noise(), sigmas, kind))
-    ref = comfy_euler(comfy_model(params, kind), noise(), torch.from_numpy(sigmas))
+    ours = samplers.run("euler", our_denoiser(params), noise(), sigmas, family)
+    assert torch.equal(ours, pipeline.euler(our_denoiser(params), noise(), sigmas, family))
+    ref = comfy_euler(comfy_model(params, family), noise(), torch.from_numpy(sigmas))
     assert rel_err(ours, ref) <= TOL
 
 
@@ -140,8 +142,8 @@ def test_res_multistep_from_a_later_start_equals_comfyui_on_the_cut_schedule():
     sigmas = schedule.zimage_sigmas(8)
     params = linear_model(11)
     x = noise(2) * float(sigmas[3])
-    ours = samplers.run("res_multistep", our_denoiser(params), x.clone(), sigmas, "zimage", start=3)
-    ref = comfy_res_multistep(comfy_model(params, "zimage"), x.clone(), torch.from_numpy(sigmas[3:]))
+    ours = samplers.run("res_multistep", our_denoiser(params), x.clone(), sigmas, ZIMAGE, start=3)
+    ref = comfy_res_multistep(comfy_model(params, ZIMAGE), x.clone(), torch.from_numpy(sigmas[3:]))
     assert rel_err(ours, ref) <= TOL
 
 
@@ -153,7 +155,7 @@ def test_res_multistep_is_exact_on_a_single_data_point():
     sigmas = schedule.zimage_sigmas(6)
     seen = []
     denoise = lambda x, t: (x - x0) / float(sigmas[len(seen)])  # noqa: E731  (v = (x − x0)/σ at this step's σ)
-    out = samplers.run("res_multistep", denoise, eps.clone(), sigmas, "zimage",
+    out = samplers.run("res_multistep", denoise, eps.clone(), sigmas, ZIMAGE,
                        callback=lambda n, total, x: seen.append(x.clone()))
     for n, x in enumerate(seen[:-1], start=1):
         s = float(sigmas[n])
@@ -165,8 +167,8 @@ def test_two_steps_are_two_euler_steps():
     """First step (no previous x0) and the step to σ = 0 are Euler steps in ComfyUI's res_multistep."""
     sigmas = schedule.klein_sigmas(2, 256)
     params = linear_model(9)
-    a = samplers.run("res_multistep", our_denoiser(params), noise(), sigmas, "klein")
-    b = samplers.run("euler", our_denoiser(params), noise(), sigmas, "klein")
+    a = samplers.run("res_multistep", our_denoiser(params), noise(), sigmas, KLEIN)
+    b = samplers.run("euler", our_denoiser(params), noise(), sigmas, KLEIN)
     assert torch.equal(a, b)
 
 
@@ -188,10 +190,10 @@ def test_coefficients_match_comfyui_formula_and_a_repeated_sigma_leaves_x():
 def test_unknown_sampler_and_interrupt():
     sigmas = schedule.zimage_sigmas(4)
     with pytest.raises(ConfigError, match="res_multistep"):
-        samplers.run("dpmpp_2m", our_denoiser(linear_model(1)), noise(), sigmas, "zimage")
+        samplers.run("dpmpp_2m", our_denoiser(linear_model(1)), noise(), sigmas, ZIMAGE)
     calls = []
     with pytest.raises(Interrupted, match="step 3 of 4"):
-        samplers.run("res_multistep", our_denoiser(linear_model(1)), noise(), sigmas, "zimage",
+        samplers.run("res_multistep", our_denoiser(linear_model(1)), noise(), sigmas, ZIMAGE,
                      callback=lambda *a: calls.append(a[:2]), interrupt=lambda: len(calls) == 2)
     assert calls == [(1, 4), (2, 4)]
 
@@ -211,8 +213,8 @@ def test_res_multistep_on_mlx_equals_torch():
             return x
 
     sigmas = schedule.zimage_sigmas(8)
-    out = samplers.run("res_multistep", mlx_denoiser, mx.array(noise().numpy()), sigmas, "zimage", ops=Ops)
-    ref = samplers.run("res_multistep", our_denoiser(params), noise(), sigmas, "zimage")
+    out = samplers.run("res_multistep", mlx_denoiser, mx.array(noise().numpy()), sigmas, ZIMAGE, ops=Ops)
+    ref = samplers.run("res_multistep", our_denoiser(params), noise(), sigmas, ZIMAGE)
     assert out.dtype == mx.float32
     assert rel_err(torch.from_numpy(np.array(out)), ref) <= TOL
 
@@ -227,13 +229,13 @@ import comfy.options
 comfy.options.enable_args_parsing()
 import comfy.k_diffusion.sampling as K
 from types import SimpleNamespace
-from flux_core import schedule
+from flux_core import families
 
 data = np.load(IN)
 params = [torch.from_numpy(data[k]) for k in ("a", "b", "c")]
 x = torch.from_numpy(data["x"])
 sigmas = torch.from_numpy(data["sigmas"])
-kind = str(data["kind"])
+family = families.get(str(data["kind"]))
 
 def velocity(x, t):
     return torch.einsum("oc,bchw->bohw", params[0], x) + float(t) * params[1] + params[2]
@@ -242,7 +244,7 @@ class Model:
     # res_multistep reads model.inner_model.model_patcher.get_model_object("model_sampling").noise_scale
     inner_model = SimpleNamespace(model_patcher=SimpleNamespace(get_model_object=lambda name: SimpleNamespace()))
     def __call__(self, x, sigma, **kwargs):
-        t = schedule.model_time(np.float32(sigma[0].item()), kind)
+        t = family.model_time(np.float32(sigma[0].item()))
         return x - sigma.view(-1, 1, 1, 1) * velocity(x, t)
 
 out = {name: fn(Model(), x.clone(), sigmas, disable=True).numpy()
@@ -270,12 +272,12 @@ np.savez(OUT, **out)
 def test_equals_comfyui_own_samplers(tmp_path, name):
     from comfy_server import comfy_python
 
-    kind, make = SCHEDULES[name]
+    family, make = SCHEDULES[name]
     sigmas = make()
     params = linear_model(21)
     x = noise(3)
     np.savez(tmp_path / "in.npz", a=params[0].numpy(), b=params[1].numpy(), c=params[2].numpy(), x=x.numpy(),
-             sigmas=sigmas, kind=kind)
+             sigmas=sigmas, kind=family.name)
     script = f"IN = {str(tmp_path / 'in.npz')!r}\nOUT = {str(tmp_path / 'out.npz')!r}\n" + COMFY_SCRIPT
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([COMFYUI_DIR, str(ROOT)])}
     r = subprocess.run([comfy_python(Path(COMFYUI_DIR)), "-c", script], cwd=COMFYUI_DIR, env=env,
@@ -283,7 +285,7 @@ def test_equals_comfyui_own_samplers(tmp_path, name):
     assert r.returncode == 0, r.stderr[-3000:]
     theirs = np.load(tmp_path / "out.npz")
     for sampler in ("res_multistep", "euler"):
-        ours = samplers.run(sampler, our_denoiser(params), x.clone(), sigmas, kind)
+        ours = samplers.run(sampler, our_denoiser(params), x.clone(), sigmas, family)
         assert rel_err(ours, torch.from_numpy(theirs[sampler])) <= TOL, sampler
     assert rel_err(torch.from_numpy(theirs["res_multistep"]), torch.from_numpy(theirs["euler"])) > 1e-3
     # the sigmas: ours (diffusers' schedules) equal the official templates' to float32 rounding
@@ -295,3 +297,55 @@ def test_equals_comfyui_own_samplers(tmp_path, name):
     # "simple" picks from a 1000-entry table: t = 1 − floor(k·1000/N)/1000, on linspace's grid only when N divides
     # 1000 (docs/COMFYUI.md says so); 9 steps land up to ~2e-3 away in σ
     assert 1e-4 < np.abs(schedule.zimage_sigmas(9) - theirs["zimage_9"]).max() < 3e-3
+
+
+# ------------------------------------------------------------------- through the pipeline, on a real (tiny) model
+@pytest.fixture(scope="module")
+def zimage(tmp_path_factory):
+    from flux_core import demo, models
+
+    paths = demo.write_demo_checkpoints(tmp_path_factory.mktemp("demo"))
+    tr = models.load_transformer(paths["zimage"], "torch", dtype="float32")
+    te = models.load_text_encoder(paths["text_encoder"], str(paths["tokenizer"]), "torch", dtype="float32")
+    return paths, tr, pipeline.encode_prompt(te, ["a cozy room"], "zimage")
+
+
+def test_pipeline_sample_res_multistep_equals_comfyui_math_on_the_model(zimage):
+    """pipeline.sample(sampler="res_multistep") on the tiny Z-Image: ComfyUI's res_multistep (the copy above) fed
+    the same network outputs, as ComfyUI's CONST model sampling turns them into x0, from the seed's noise."""
+    from flux_core.backend import impl
+
+    _, tr, cond = zimage
+    res = pipeline.sample(tr, cond, width=64, height=48, steps=8, seed=3, sampler="res_multistep")
+    assert res.sampler == "res_multistep"
+    c, h, w = pipeline.latent_size(tr, 64, 48)
+    denoise = impl("torch", "runtime").make_denoiser(tr, cond, None, 0.0, 1, h, w)
+    model = lambda x, s: x - s.view(-1, 1, 1, 1) * denoise(x, tr.family.model_time(np.float32(s[0].item())))  # noqa
+    ref = comfy_res_multistep(model, pipeline.make_noise(3, 1, c, h, w), torch.from_numpy(res.sigmas))
+    assert rel_err(res.latent, ref) <= TOL
+    euler = pipeline.sample(tr, cond, width=64, height=48, steps=8, seed=3)
+    assert rel_err(euler.latent, ref) > 1e-4
+    with pytest.raises(ConfigError, match="unknown sampler"):
+        pipeline.sample(tr, cond, width=64, height=48, sampler="heun")
+
+
+def test_cli_sampler_flag(zimage, tmp_path, capsys):
+    from PIL import Image
+
+    from flux_core.__main__ import main
+
+    paths, _, _ = zimage
+    args = ["generate", "--model", str(paths["zimage"]), "--text-encoder", str(paths["text_encoder"]),
+            "--vae", str(paths["flux1_vae"]), "--tokenizer", str(paths["tokenizer"]), "--prompt", "a cozy room",
+            "--width", "64", "--height", "48", "--seed", "3", "--backend", "torch", "--dtype", "float32"]
+    out = {}
+    for sampler in ("euler", "res_multistep"):
+        out[sampler] = tmp_path / f"{sampler}.png"
+        assert main([*args, "--sampler", sampler, "--output", str(out[sampler])]) == 0
+        text = Image.open(out[sampler]).text
+        assert json.loads(text["fluxcore"])["sampler"] == sampler and f"Sampler: {sampler}," in text["parameters"]
+    a, b = (np.asarray(Image.open(out[k]), dtype=np.int16) for k in ("euler", "res_multistep"))
+    assert np.abs(a - b).max() > 0
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--sampler", "heun"])
+    assert e.value.code == 2 and "res_multistep" in capsys.readouterr().err
