@@ -133,7 +133,7 @@ def test_widget_order_and_seed_control():
     info = node_info("FluxCoreSampler", nodes.NODE_CLASS_MAPPINGS["FluxCoreSampler"])
     assert widget_slots(info) == [("seed", "value"), ("seed", "control"), ("steps", "value"),
                                   ("guidance", "value"), ("width", "value"), ("height", "value"),
-                                  ("batch_size", "value"), ("denoise", "value")]
+                                  ("batch_size", "value"), ("denoise", "value"), ("sampler", "value")]
 
 
 def test_loader_lists_standard_files(demo):

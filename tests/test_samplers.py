@@ -310,6 +310,7 @@ def zimage(tmp_path_factory):
     return paths, tr, pipeline.encode_prompt(te, ["a cozy room"], "zimage")
 
 
+@pytest.mark.slow
 def test_pipeline_sample_res_multistep_equals_comfyui_math_on_the_model(zimage):
     """pipeline.sample(sampler="res_multistep") on the tiny Z-Image: ComfyUI's res_multistep (the copy above) fed
     the same network outputs, as ComfyUI's CONST model sampling turns them into x0, from the seed's noise."""
@@ -329,6 +330,7 @@ def test_pipeline_sample_res_multistep_equals_comfyui_math_on_the_model(zimage):
         pipeline.sample(tr, cond, width=64, height=48, sampler="heun")
 
 
+@pytest.mark.slow
 def test_cli_sampler_flag(zimage, tmp_path, capsys):
     from PIL import Image
 
