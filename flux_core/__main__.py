@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .errors import FluxCoreError
+from .samplers import DEFAULT_SAMPLER, SAMPLERS
 
 log = logging.getLogger("flux_core")
 
@@ -36,6 +37,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int, help="default: 4 (klein), 50 (klein base), 8 (Z-Image-Turbo)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
+                   help="euler (default; what diffusers does) or res_multistep (ComfyUI's, as in its official "
+                        "Z-Image-Turbo template: the same image as that template at the same seed)")
     p.add_argument("--guidance", type=float, help="CFG scale for base models (klein base 4.0; Z-Image g>0 enables CFG)")
     p.add_argument("--variant", choices=["auto", "distilled", "base"], default="auto",
                    help="distilled/Turbo or base, when the file does not say (default: distilled)")
@@ -103,6 +107,7 @@ def run_generate(args) -> list[Path]:
     gen = pipeline.generate(transformer, text_encoder, vae, args.prompt, negative_prompt=args.negative_prompt,
                             width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
                             seed=seed, batch_size=args.batch_size, references=refs, init_image=init,
+                            sampler=args.sampler,
                             strength=args.strength if init is not None else 1.0, callback=progress,
                             release_text_encoder={"auto": None, "yes": True, "no": False}[args.release_text_encoder],
                             vae_tile=args.vae_tile)
