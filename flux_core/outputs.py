@@ -31,8 +31,8 @@ def _a1111_style(p: dict) -> str:
     if p.get("negative_prompt"):
         text += f"\nNegative prompt: {p['negative_prompt']}"
     loras = "".join(f", Lora: {x['file']}:{x['strength']:g}" for x in p.get("loras", ()))
-    return text + (f"\nSteps: {p['steps']}, CFG scale: {p['guidance']}, Seed: {p['seed']}, "
-                   f"Size: {p['width']}x{p['height']}, Model: {p.get('model')}{loras}")
+    return text + (f"\nSteps: {p['steps']}, Sampler: {p.get('sampler', 'euler')}, CFG scale: {p['guidance']}, "
+                   f"Seed: {p['seed']}, Size: {p['width']}x{p['height']}, Model: {p.get('model')}{loras}")
 
 
 def save_latent(latent, path: str, params: dict) -> None:
