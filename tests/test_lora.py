@@ -297,3 +297,35 @@ def test_wrong_lora_fails_before_any_weight_changes(klein, zimage):
                                                       (zimage["files"]["ai_toolkit"], 1.0)], **kw)
     for k, v in klein["base"].items():
         assert torch.equal(klein["model"].module.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("mode", ["blocks", "model"])
+def test_offloaded_model_merges_into_the_host_masters(klein, mode):
+    """With offload the host buffers are the masters and device copies are remade from them on every entry: a merge
+    must land there (a merge into the current device copy would vanish at the next activation). CPU copies stand in
+    for a GPU (copy=True), as in the offload tests."""
+    from refs import klein as rk
+
+    from flux_core import models
+    from flux_core.torch.offload import offload
+
+    tr = models.load_transformer(klein["path"], backend="torch", device="cpu", dtype="float32")
+    x = rk.inputs(seed=3, ctx=48)
+    args = (x["img"], x["img_ids"][None], x["txt"], x["txt_ids"][None], x["timesteps"])
+    plain = models.with_loras(tr, [(klein["files"]["kohya"], 0.9)])
+    with torch.inference_mode():
+        want = tr.module(*args).clone()
+    models.with_loras(tr)
+    import copy as _copy
+
+    twin = _copy.deepcopy(tr.module)
+    off = offload(twin, "cpu", mode, copy=True)
+    with torch.inference_mode():
+        twin(*args)       # weights now in device copies
+    TL.apply_loras(twin, [(klein["files"]["kohya"], 0.9)])
+    with torch.inference_mode():
+        got = twin(*args)
+        off.to_state("host")
+        again = twin(*args)   # remade from the host masters
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert plain.loras

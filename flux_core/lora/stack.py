@@ -59,6 +59,8 @@ def set_loras(applier, state: LoraState, loras: list) -> int:
     for key in list(state.signatures) + [k for k in want if k not in state.signatures]:
         if state.signatures.get(key) == signatures.get(key):
             continue
+        if not changed:
+            applier.begin()   # e.g. park an offloaded model on its host masters: only when a weight changes
         changed += 1
         if key not in want:
             applier.restore(key, state.backups.pop(key))
@@ -66,6 +68,7 @@ def set_loras(applier, state: LoraState, loras: list) -> int:
         if key not in state.backups:
             state.backups[key] = applier.snapshot(key)
         applier.write(key, patched(applier.xp, applier.original(key, state.backups[key]), want[key]))
-    applier.sync()
+    if changed:
+        applier.sync()
     state.signatures, state.loras = signatures, list(loras)
     return changed

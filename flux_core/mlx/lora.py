@@ -113,6 +113,9 @@ class MlxApplier:
         parts = backup if isinstance(backup, tuple) else (backup,)
         return sum(p.nbytes for p in parts if p is not None)
 
+    def begin(self):
+        pass
+
     def sync(self):
         mx.eval(self.model.parameters())
 

@@ -16,6 +16,7 @@ import torch
 
 from ..lora.resolve import ResolvedLora, resolve
 from ..lora.stack import LoraState, set_loras
+from .offload import offloader_of
 from .quant import DEQUANTIZERS, QUANTIZERS, QuantLinear
 
 STATE_ATTR = "_fluxcore_lora_state"
@@ -56,10 +57,16 @@ def weight_shapes(model: torch.nn.Module) -> dict:
 class TorchApplier:
     def __init__(self, model: torch.nn.Module, backup: str = "auto"):
         self.model = model
-        first = next(model.parameters())
-        self.device = first.device
+        self.offloader = off = offloader_of(model)
+        # offloaded weights: the host buffers are the masters (device copies are remade from them on the next
+        # entry), so merges go there, computed on the offload device; backups stay on the host
+        self.device = off.device if off is not None else next(model.parameters()).device
         self.xp = TorchOps(self.device)
-        self.backup_device = self._backup_device(backup)
+        self.backup_device = torch.device("cpu") if off is not None else self._backup_device(backup)
+
+    def begin(self):
+        if self.offloader is not None:
+            self.offloader.to_state("host")   # every parameter points at its host master now
 
     def _backup_device(self, backup: str):
         if backup == "cpu" or self.device.type == "cpu":
@@ -97,7 +104,7 @@ class TorchApplier:
             mod.weight_scale.copy_(scale)
             return
         target = getattr(mod, leaf)
-        target.copy_(w32.reshape(target.shape).to(target.dtype))
+        target.copy_(w32.reshape(target.shape).to(target.dtype), non_blocking=False)
 
     def restore(self, key: str, backup):
         mod, leaf = self._locate(key)
@@ -133,10 +140,13 @@ def apply_loras(model, loras: list, backup: str = "auto") -> int:
     """Make `model` hold exactly `loras` = [(ResolvedLora | path, strength), ...]; [] restores the original weights.
     Returns how many weights were re-merged."""
     resolved = [(r if isinstance(r, ResolvedLora) else resolve_for(model, r), s) for r, s in loras]
+    st = state(model)
+    if offloader_of(model) is not None:   # backups made before the model was offloaded leave the device
+        st.backups = {k: tuple(t.cpu() for t in b) if isinstance(b, tuple) else b.cpu() for k, b in st.backups.items()}
     # inference_mode: in-place writes are legal whether the parameters were made inside it (a host that loads
     # under inference_mode) or not
     with torch.inference_mode():
-        return set_loras(TorchApplier(model, backup), state(model), resolved)
+        return set_loras(TorchApplier(model, backup), st, resolved)
 
 
 def backup_bytes(model) -> int:
