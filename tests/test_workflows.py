@@ -61,7 +61,8 @@ def test_api_workflow_is_valid_and_twin_of_ui(name, info):
 # What the sampler shows on opening: the variant's real defaults, never the node's "auto" values (0 / -1).
 SHIPPED_SAMPLER = {"fluxcore_klein_text_to_image": (4, 1.0), "fluxcore_klein_edit": (4, 1.0),
                    "fluxcore_klein_multi_reference": (4, 1.0), "fluxcore_klein_base_cfg": (50, 4.0),
-                   "fluxcore_zimage_turbo_text_to_image": (8, 0.0)}
+                   "fluxcore_zimage_turbo_text_to_image": (8, 0.0), "fluxcore_klein_lora": (4, 1.0),
+                   "fluxcore_zimage_lora": (8, 0.0)}
 
 
 @pytest.mark.parametrize("name", NAMES)

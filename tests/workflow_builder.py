@@ -207,12 +207,14 @@ def build(info: dict) -> dict[str, dict]:
     te, m, vae = loaders(g, "flux-2-klein-4b.safetensors", "flux2-vae.safetensors")
     l1 = g.add("FluxCoreLoraLoader", (col(L), 250), {"lora_name": "klein_style_lora.safetensors", "strength": 0.8},
                {"model": (m, 0)}, title="LoRA 1 (any klein-4B LoRA in models/loras)")
-    l2 = g.add("FluxCoreLoraLoader", (col(L), 450), {"lora_name": "klein_detail_lora.safetensors", "strength": 0.5},
+    # each chained LoRA node one column further right: links run forward, never behind a node
+    l2 = g.add("FluxCoreLoraLoader", (col(L, L), 400), {"lora_name": "klein_detail_lora.safetensors",
+                                                        "strength": 0.5},
                {"model": (l1, 0)}, title="LoRA 2 (chain as many as you like)")
-    enc = g.add("FluxCoreQwen3Encode", (col(L, L), 0), {"prompt": "a red fox sitting in fresh snow at sunrise, in "
-                                                                  "the LoRA's style"},
+    enc = g.add("FluxCoreQwen3Encode", (col(L, L, L), 0), {"prompt": "a red fox sitting in fresh snow at sunrise, "
+                                                                     "in the LoRA's style"},
                 {"text_encoder": (te, 0), "model": (l2, 0)})
-    finish(g, l2, (enc, 0), None, vae, KLEIN, "fluxcore_klein_lora", col(L, L, E))
+    finish(g, l2, (enc, 0), None, vae, KLEIN, "fluxcore_klein_lora", col(L, L, L, E))
     out["fluxcore_klein_lora"] = g.ui()
 
     g = Graph(info)
