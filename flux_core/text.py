@@ -84,7 +84,10 @@ class QwenTokenizer:
         self.folder = Path(folder)
         cfg = _read_json(self.folder / "tokenizer_config.json") or {}
         if (self.folder / "tokenizer.json").is_file():
-            self._tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            try:
+                self._tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            except Exception as e:  # the tokenizers library raises a bare Exception for a damaged file
+                raise _damaged(self.folder / "tokenizer.json", e) from None
         elif (self.folder / "vocab.json").is_file() and (self.folder / "merges.txt").is_file():
             self._tok = _build_bpe(self.folder, cfg)
         else:
@@ -96,6 +99,8 @@ class QwenTokenizer:
                               "tokenizer?")
         pad = cfg.get("pad_token") or (_read_json(self.folder / "added_tokens.json") or {}).get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
+        if pad is not None and not isinstance(pad, str):
+            raise _damaged(self.folder / "tokenizer_config.json", f"pad_token is {pad!r}, not a string")
         self.pad_id = self._tok.token_to_id(pad or "<|endoftext|>")
         if self.pad_id is None:
             raise ConfigError(f"tokenizer in {self.folder}: pad token {pad!r} is not in the vocabulary")
@@ -121,14 +126,23 @@ def _build_bpe(folder: Path, cfg: dict):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
-    vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    vocab = _read_json(folder / "vocab.json")  # ours first, so a damaged vocab is named apart from merges.txt
+    if not all(isinstance(i, int) for i in vocab.values()):
+        raise _damaged(folder / "vocab.json", "token ids must be whole numbers")
+    try:
+        vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise _damaged(folder / "merges.txt", e) from None
     added = _added_tokens(folder, cfg)
     if not added and len(vocab) == _QWEN_BASE_VOCAB:
         added = {t: (_QWEN_BASE_VOCAB + i, t.startswith("<|")) for i, t in enumerate(_QWEN_ADDED)}
     for content, (i, _special) in added.items():
         vocab.setdefault(content, i)  # put them in the model vocab first, so add_tokens keeps these exact ids
-    tok = Tokenizer(BPE(vocab, merges, dropout=None, unk_token=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    try:  # a merge of tokens that are not in vocab.json fails here
+        tok = Tokenizer(BPE(vocab, merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+                            end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    except Exception as e:
+        raise _damaged(folder / "merges.txt", e) from None
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
@@ -148,24 +162,44 @@ def _added_tokens(folder: Path, cfg: dict) -> dict[str, tuple[int, bool]]:
     """content -> (id, special) from tokenizer_config.json and added_tokens.json (both formats seen in the wild:
     the HF `{content: id}` map and a `{"added_tokens": {id: {content, special}}}` table)."""
     out = {}
-    for i, e in (cfg.get("added_tokens_decoder") or {}).items():
-        out[e["content"]] = (int(i), bool(e.get("special", True)))
+    try:
+        for i, e in (cfg.get("added_tokens_decoder") or {}).items():
+            out[e["content"]] = (int(i), bool(e.get("special", True)))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise _damaged(folder / "tokenizer_config.json", f"added_tokens_decoder: {e!r}") from None
     data = _read_json(folder / "added_tokens.json") or {}
-    if isinstance(data.get("added_tokens"), dict):
-        for i, e in data["added_tokens"].items():
-            out.setdefault(e["content"], (int(i), bool(e.get("special", True))))
-    else:
-        for content, i in data.items():
-            if isinstance(i, int):
-                out.setdefault(content, (i, content.startswith("<|")))
+    try:
+        if isinstance(data.get("added_tokens"), dict):
+            for i, e in data["added_tokens"].items():
+                out.setdefault(e["content"], (int(i), bool(e.get("special", True))))
+        else:
+            for content, i in data.items():
+                if isinstance(i, int):
+                    out.setdefault(content, (i, content.startswith("<|")))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise _damaged(folder / "added_tokens.json", repr(e)) from None
     return out
 
 
 def _read_json(path: Path):
+    """A tokenizer JSON file as a dict (None when absent); anything else is a ConfigError naming the file."""
+    from .errors import WeightError
+    from .weights.meta import read_json
+
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        data = read_json(path, "tokenizer file")
+    except WeightError as e:  # it names the file and the fix already
+        raise ConfigError(str(e)) from None
+    if not isinstance(data, dict):
+        raise _damaged(path, f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _damaged(path: Path, why) -> ConfigError:
+    return ConfigError(f"tokenizer file {path} is damaged ({why}); re-download the tokenizer folder (or point "
+                       "--tokenizer / the loader's tokenizer input at a good one)")
 
 
 def is_tokenizer_dir(p: Path) -> bool:
