@@ -65,6 +65,25 @@ def output_layers(mode: str, num_layers: int) -> tuple[int, ...]:
     raise ConfigError(f"unknown text mode {mode!r} ({' | '.join(MODES)})")
 
 
+# hidden width -> (model, decoder layers, the file users download); a file with fewer layers lost its end
+QWEN3_DEPTHS = {2560: ("Qwen3-4B", 36, "qwen_3_4b.safetensors"), 4096: ("Qwen3-8B", 36, "a Qwen3-8B text encoder")}
+
+
+def check_depth(num_layers: int, hidden_size: int, source) -> None:
+    """Refuse, at load time and naming the file, a Qwen3 checkpoint that lacks its last decoder layers (a cut-off
+    download or export): klein reads layer 27 and Z-Image layer num_layers - 1, so it cannot give the right features."""
+    name = Path(str(source)).name
+    known = QWEN3_DEPTHS.get(hidden_size)
+    if known and num_layers != known[1]:
+        raise ConfigError(f"text encoder {name} has {num_layers} decoder layers, but {known[0]} has {known[1]}: the "
+                          f"file is missing its last layers (a cut-off download or export). Re-download {known[2]}.")
+    if num_layers < KLEIN_LAYERS[-1]:
+        raise ConfigError(f"text encoder {name} has {num_layers} decoder layers, but FLUX.2 klein reads layer "
+                          f"{KLEIN_LAYERS[-1]} (Qwen3-4B and -8B have 36): the file is missing its last layers or is "
+                          "another model. Re-download qwen_3_4b.safetensors (klein 4B, Z-Image) or a Qwen3-8B text "
+                          "encoder (klein 9B).")
+
+
 def layers_needed(mode: str, num_layers: int) -> int:
     """How many decoder layers must be built/loaded for a mode: klein 27, Z-Image num_layers-1 (35 for Qwen3-4B)."""
     return max(output_layers(mode, num_layers))
