@@ -99,7 +99,7 @@ def save_images(images, output: str | os.PathLike, params: dict) -> list[Path]:
     written = []
     for i, (img, path) in enumerate(zip(images, paths)):
         pil = Image.fromarray((np.clip(np.asarray(img, dtype=np.float32), 0, 1) * 255.0).round().astype("uint8"))
-        meta = {**params, "batch_index": i} if len(images) > 1 else dict(params)
+        meta = {**params, "batch_index": i}
         written.append(atomic_write(path, lambda f, pil=pil, meta=meta: _encode(pil, f, fmt, meta)))
     return written
 

@@ -41,7 +41,7 @@ def _png_chunks(path):
 def test_png_has_both_text_chunks(tmp_path):
     [path] = outputs.save_images(_images(1), tmp_path / "a.png", PARAMS)
     chunks = dict((k, v) for k, v in _png_chunks(path) if k in (b"tEXt", b"iTXt"))
-    assert json.loads(chunks[b"tEXt"].split(b"\0", 1)[1]) == PARAMS
+    assert json.loads(chunks[b"tEXt"].split(b"\0", 1)[1]) == {**PARAMS, "batch_index": 0}
     assert "Steps: 4, CFG scale: 1.0, Seed: 7, Size: 48x32" in chunks[b"iTXt"].decode("utf-8")
     assert np.asarray(Image.open(path)).shape == (32, 48, 3)
 
