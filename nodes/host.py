@@ -84,10 +84,26 @@ def tokenizer_dirs() -> tuple[str, ...]:
 
 # ------------------------------------------------------------------------------------------- progress and interrupt
 class Progress:
-    """A ComfyUI progress bar for one node (no-op outside ComfyUI), with optional step previews."""
+    """A ComfyUI progress bar for one node (no-op outside ComfyUI), with optional step previews of a `family`'s
+    latents when ComfyUI's preview method is on."""
 
-    def __init__(self, total: int, node_id=None):
+    def __init__(self, total: int, node_id=None, family=None):
         self.bar = comfy_utils.ProgressBar(total, node_id=node_id) if comfy_utils is not None else None
+        self.family = family if previews_enabled() else None
+
+    def step(self, step: int, total: int, latent) -> None:
+        """The sampler's callback: advance the bar, with a cheap preview of the latent when enabled."""
+        rgb = None
+        if self.family is not None:
+            try:
+                from flux_core.pipeline import preview
+
+                from .common import to_cpu_tensor
+
+                rgb = preview(to_cpu_tensor(latent[:1]).numpy(), self.family)
+            except Exception:  # a preview must never fail the run
+                log.debug("fluxcore: step preview failed", exc_info=True)
+        self.update(step, total, rgb)
 
     def update(self, value: int, total: int, preview_rgb=None) -> None:
         if self.bar is None:

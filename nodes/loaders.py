@@ -8,12 +8,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from flux_core.errors import ConfigError
+from flux_core.families import VAE_KINDS
 
 from . import host
 from .common import (BACKEND_OPTIONS, BACKEND_TIP, CATEGORY, DTYPE_OPTIONS, DTYPE_TIP, MODEL, QUANT_OPTIONS,
                      QUANT_TIP, TEXT_ENCODER, VAE, ModelRef, describe, ui)
 
 _CATEGORY = CATEGORY + "/loaders"
+LOADER_NODES = {"klein": "FluxCore klein Model Loader", "zimage": "FluxCore Z-Image Model Loader"}  # by family
 COMPILE_TIP = ("torch: compile each transformer block with torch.compile. On a CUDA GPU the first run takes ~15 s "
                "longer, then every step is ~1.3-1.5x faster. MLX always compiles its step; on a CPU compiling is slow.")
 
@@ -57,13 +59,12 @@ class _TransformerLoader:
             raise ConfigError(f"variant must be one of {', '.join(self.VARIANTS)}, got {variant!r}")
         ref = ModelRef("transformer", path, backend, dtype, quantization, self.VARIANTS[variant], compile=bool(compile))
         loaded = _load(ref)
-        if loaded.family != self.FAMILY:
-            other = "FluxCore Z-Image Model Loader" if loaded.family == "zimage" else "FluxCore klein Model Loader"
+        if loaded.family.name != self.FAMILY:
             raise ConfigError(f"{model_name} is a {loaded.variant.name} model, not {self.LABEL}: load it with the "
-                              f"{other} node.")
+                              f"{LOADER_NODES[loaded.family.name]} node.")
         v = loaded.variant
         payload = describe(loaded, f"{v.steps} steps" + (f" · cfg {v.guidance:g}" if v.uses_cfg_by_default else ""))
-        return ui(payload, (replace(ref, family=v.family, variant=v, summary=payload),))
+        return ui(payload, (replace(ref, family=v.family.name, variant=v, summary=payload),))
 
 
 class KleinModelLoader(_TransformerLoader):
@@ -151,5 +152,5 @@ class VAELoader:
         ref = ModelRef("vae", path, backend, dtype)
         loaded = _load(ref)
         kind = loaded.module.kind
-        payload = describe(loaded, {"flux2": "FLUX.2 VAE", "flux1": "FLUX.1 VAE"}.get(kind, kind))
+        payload = describe(loaded, VAE_KINDS[kind].title)
         return ui(payload, (replace(ref, family=kind, summary=payload),))

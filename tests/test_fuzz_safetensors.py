@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from flux_core.errors import FluxCoreError
-from flux_core.torch.klein import KleinConfig
+from flux_core.configs import KleinConfig, ZImageConfig, _theta_and_eps
 from flux_core.weights.io import load_checkpoint
 
 N_MUTATIONS = 3000
@@ -131,8 +131,10 @@ def test_mutated_safetensors_load_or_raise_our_error(tmp_path):
         path.write_bytes(data)
         try:
             ckpt = load_checkpoint(path)
-            if ckpt.config:  # what the model builder does with it next (the config path of KleinConfig)
+            if ckpt.config:  # what the model builders do with it next
                 KleinConfig.from_state_dict(ckpt.sd, ckpt.config)
+                ZImageConfig.from_diffusers(ckpt.config)
+                _theta_and_eps(ckpt.config)
             outcomes["loaded"] += 1
         except FluxCoreError:
             outcomes["refused"] += 1

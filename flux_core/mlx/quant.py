@@ -18,9 +18,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..configs import BLOCK_CONTAINERS
 from ..errors import ConfigError
 
-BLOCK_CONTAINERS = ("double_blocks", "single_blocks", "layers", "noise_refiner", "context_refiner")
 SKIP_NAMES = ("modulation",)
 SETTINGS = {"int8": dict(bits=8, group_size=64, mode="affine"),
             "int4": dict(bits=4, group_size=64, mode="affine"),

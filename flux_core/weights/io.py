@@ -11,8 +11,9 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
-from ..errors import WeightError
+from ..errors import ConfigError, WeightError
 from .meta import check_config, parse_json, read_config, read_index
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,18 @@ def load_checkpoint(path: str | os.PathLike, component: str | None = None) -> Ch
         raise WeightError(f"checkpoint not found: {p}")
     sd, meta = read_safetensors(p)
     return Checkpoint(dequantize_scaled(sd), _metadata_config(meta, p), meta, str(p))
+
+
+def as_checkpoint(source, component: str | None = None) -> Checkpoint:
+    """What every model loader accepts: a path (file, component folder or pipeline folder, see `load_checkpoint`),
+    an already-read `Checkpoint`, or a plain state dict {key: tensor}."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, Mapping):
+        return Checkpoint(dict(source), None, {}, "<state dict>")
+    if isinstance(source, (str, os.PathLike)):
+        return load_checkpoint(source, component=component)
+    raise ConfigError(f"expected a checkpoint path, a Checkpoint or a state dict, got {type(source).__name__}")
 
 
 def save_safetensors(sd: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
