@@ -14,6 +14,7 @@ Bounds:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -27,12 +28,20 @@ DEVICES_MLX = ("gpu", "cpu")
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def check_batch(value, name: str = "batch_size") -> int:
     if not _is_int(value) or value < 1:
         raise ConfigError(f"{name} must be at least 1 (images per run), got {value!r}")
+    return value
+
+
+def check_seed(value, name: str = "seed") -> int:
+    from .families import MAX_SEED
+
+    if not _is_int(value) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name} must be a whole number from 0 to {MAX_SEED}, got {value!r}")
     return value
 
 
@@ -108,16 +117,16 @@ def size_limit(model_config, family: str) -> int:
     return MAX_SIDE
 
 
-def check_device(backend: str, device) -> str | None:
+def check_device(backend: str, device, name: str = "device") -> str | None:
     """Refuse a device name no backend knows before any weights are read (availability is checked by backend.choose)."""
     if device in (None, "", "auto"):
         return None
     if not isinstance(device, str):
-        raise ConfigError(f"device must be a name such as cuda, cuda:1, mps, cpu (torch) or gpu, cpu (mlx), got {device!r}")
+        raise ConfigError(f"{name} must be a name such as cuda, cuda:1, mps, cpu (torch) or gpu, cpu (mlx), got {device!r}")
     kind, _, index = device.partition(":")
     known = {"mlx": DEVICES_MLX, "torch": DEVICES_TORCH}.get(backend, DEVICES_TORCH + DEVICES_MLX)
     if kind not in known or (index and not (kind == "cuda" and index.isdigit())):
-        raise ConfigError(f"unknown device {device!r} for backend {backend}: use one of "
+        raise ConfigError(f"unknown {name} {device!r} for backend {backend}: use one of "
                           f"{', '.join(known)}{' (or cuda:N)' if 'cuda' in known else ''}")
     return device
 
