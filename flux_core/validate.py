@@ -99,7 +99,8 @@ def check_size(width, height, multiple: int = 16, max_side: int = MAX_SIDE,
     out = []
     for value, name in zip((width, height), names):
         if not _is_int(value) or value < multiple:
-            raise ConfigError(f"{name} must be a whole number of pixels from {multiple} to {max_side}, got {value!r}")
+            raise ConfigError(f"{name} must be a whole number of pixels, at least {multiple} and at most {max_side}, "
+                              f"got {value!r}")
         if value > max_side:
             raise ConfigError(f"{name} {value} is too large: at most {max_side} px for this model (its trained "
                               "position range); generate smaller and upscale")
