@@ -165,7 +165,7 @@ def compile_blocks(module, choice: Choice) -> str:
     return impl(choice.backend).compile_blocks(module)
 
 
-def load_text_encoder(choice: Choice, ckpt, dtype: str, quantization: str, tokenizer):
+def build_text_encoder(choice: Choice, ckpt, dtype: str, quantization: str, tokenizer):
     from .configs import Qwen3Config
     from .text import TextEncoder, check_depth, layers_needed
     from .weights.qwen3 import to_native

@@ -365,6 +365,9 @@ def _cross_check(cfg: Qwen3Config, config_json: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ VAEs
+# The FLUX.1 VAE's latent normalisation, (mean - shift) * scale (Z-Image's vae/config.json; ComfyUI latent_formats.Flux)
+FLUX1_SCALE = 0.3611
+FLUX1_SHIFT = 0.1159
 
 GN_EPS = 1e-6  # every GroupNorm in both VAEs (diffusers resnet_eps, BFL eps=1e-6)
 
@@ -384,8 +387,8 @@ class VAEConfig:
     norm_num_groups: int = 32
     quant_conv: bool = True                                  # FLUX.2 only
     batch_norm_eps: float = 1e-4                             # FLUX.2 latent normalisation
-    scaling_factor: float = 0.3611                           # FLUX.1 latent scale / shift (Z-Image vae/config.json)
-    shift_factor: float = 0.1159
+    scaling_factor: float = FLUX1_SCALE                      # FLUX.1 latent scale / shift (Z-Image vae/config.json)
+    shift_factor: float = FLUX1_SHIFT
 
     @property
     def levels(self) -> int:

@@ -27,6 +27,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from . import schedule
+from .configs import FLUX1_SCALE, FLUX1_SHIFT
 from .errors import ConfigError, WeightError
 from .weights import klein as klein_keys
 from .weights import zimage as zimage_keys
@@ -48,7 +49,7 @@ class VaeKind:
 # latent_formats.Flux. FLUX.2: the VAE's batch-norm normalises in both (ComfyUI latent_formats.Flux2 is identity).
 VAE_KINDS = {
     "flux2": VaeKind("flux2", "the FLUX.2 VAE (flux2-vae.safetensors)", 16, 1.0, 0.0),
-    "flux1": VaeKind("flux1", "the FLUX.1 VAE (ae.safetensors)", 8, 0.3611, 0.1159),
+    "flux1": VaeKind("flux1", "the FLUX.1 VAE (ae.safetensors)", 8, FLUX1_SCALE, FLUX1_SHIFT),
 }
 
 

@@ -145,7 +145,7 @@ def load_text_encoder(path, tokenizer: str | None = None, backend: str = "auto",
 
     def build():
         ckpt = load_checkpoint(path, component="text_encoder")
-        encoder = backends.load_text_encoder(choice, ckpt, dt, quantization, QwenTokenizer(tok_dir))
+        encoder = backends.build_text_encoder(choice, ckpt, dt, quantization, QwenTokenizer(tok_dir))
         return LoadedModel("text_encoder", encoder, ckpt.source, choice.backend, choice.device, dt, quantization,
                            None, [choice.reason, f"tokenizer: {tok_dir}"])
 

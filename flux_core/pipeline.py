@@ -75,12 +75,7 @@ class Conditioning:
 def encode_prompt(text_encoder: LoadedModel, prompts, mode: str) -> Conditioning:
     prompts = [prompts] if isinstance(prompts, str) or prompts is None else list(prompts)
     prompts = [validate.check_prompt(p) for p in prompts]
-    enc = text_encoder.module
-    if mode == "klein":
-        return Conditioning("klein", enc.encode_klein(prompts), prompts)
-    if mode == "zimage":
-        return Conditioning("zimage", enc.encode_zimage(prompts), prompts)
-    raise ConfigError(f"unknown text mode {mode!r}: 'klein' or 'zimage'")
+    return Conditioning(mode, text_encoder.module.encode(prompts, mode), prompts)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -316,6 +316,13 @@ class TextEncoder:
                               "tokenizer does not belong to this Qwen3 checkpoint")
         return ids
 
+    def encode(self, prompts: Sequence[str] | str, mode: str):
+        """Prompts -> the embeddings of one encoding mode ('klein' | 'zimage'; see the module docstring)."""
+        encoders = {"klein": self.encode_klein, "zimage": self.encode_zimage}
+        if mode not in encoders:
+            raise ConfigError(f"unknown text mode {mode!r}: one of {', '.join(encoders)}")
+        return encoders[mode](prompts)
+
     def encode_klein(self, prompts: Sequence[str] | str):
         """-> [B, 512, 3H] (hs 9, 18, 27 concatenated per token, pad rows included)."""
         import torch

@@ -8,7 +8,7 @@ alive, and the next run simply reloads them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flux_core import backend as fc_backend
 
@@ -41,7 +41,6 @@ class ModelRef:
     tokenizer_search: tuple = ()
     family: str | None = None          # transformer: the family's name (klein | zimage); vae: its kind (flux2 | flux1)
     variant: object = None             # flux_core.families.Variant (transformer)
-    summary: dict = field(default_factory=dict, compare=False, hash=False)
     compile: bool = False              # transformer: regional torch.compile
 
     def load(self):

@@ -64,7 +64,7 @@ class _TransformerLoader:
                               f"{LOADER_NODES[loaded.family.name]} node.")
         v = loaded.variant
         payload = describe(loaded, f"{v.steps} steps" + (f" · cfg {v.guidance:g}" if v.uses_cfg_by_default else ""))
-        return ui(payload, (replace(ref, family=v.family.name, variant=v, summary=payload),))
+        return ui(payload, (replace(ref, family=v.family.name, variant=v),))
 
 
 class KleinModelLoader(_TransformerLoader):
@@ -124,7 +124,7 @@ class TextEncoderLoader:
                        host.tokenizer_dirs())
         loaded = _load(ref)
         payload = describe(loaded)
-        return ui(payload, (replace(ref, summary=payload),))
+        return ui(payload, (ref,))
 
 
 class VAELoader:
@@ -153,4 +153,4 @@ class VAELoader:
         loaded = _load(ref)
         kind = loaded.module.kind
         payload = describe(loaded, VAE_KINDS[kind].title)
-        return ui(payload, (replace(ref, family=kind, summary=payload),))
+        return ui(payload, (replace(ref, family=kind),))
