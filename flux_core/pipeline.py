@@ -221,7 +221,7 @@ def prepare(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None 
         auto = (DEFAULT_SIZE, DEFAULT_SIZE)
     width, height = check_size(auto[0] if width is None else width, auto[1] if height is None else height,
                                family.size_multiple,
-                               validate.size_limit(model.module.config, family.name))
+                               validate.size_limit(model.module.config, family))
     cond = cond.repeat(batch)
     use_cfg = family.uses_cfg(guidance, variant.distilled)
     if use_cfg and uncond is None:
@@ -388,7 +388,7 @@ def _check_inputs(transformer, prompt, negative_prompt, width, height, steps, gu
     validate.check_steps(steps), validate.check_guidance(guidance)
     validate.check_strength(strength, init_image is not None)
     if width is not None or height is not None:
-        limit = validate.size_limit(transformer.module.config, family.name)
+        limit = validate.size_limit(transformer.module.config, family)
         validate.check_size(limit if width is None else width, limit if height is None else height,
                             family.size_multiple, limit)
     refs = [validate.open_image(r, "reference" if isinstance(r, (str, os.PathLike)) else f"reference {i + 1}",

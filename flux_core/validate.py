@@ -108,14 +108,14 @@ def check_size(width, height, multiple: int = 16, max_side: int = MAX_SIDE,
     return out[0], out[1]
 
 
-def size_limit(model_config, family: str) -> int:
-    """The largest side in pixels the model's position encoding covers (see the module docstring)."""
-    if family == "zimage":
-        lens = getattr(model_config, "axes_lens", None)
-        patch = getattr(model_config, "patch_size", 2)
-        if lens:
-            return min(MAX_SIDE * 4, int(min(lens[1], lens[2])) * patch * 8)
-    return MAX_SIDE
+def size_limit(model_config, family) -> int:
+    """The largest side in pixels the model's position encoding covers (see the module docstring): a trained RoPE
+    range (`axes_lens`: time, rows, columns of patches) times the patch and the latent factor, else MAX_SIDE."""
+    lens = getattr(model_config, "axes_lens", None)
+    if not lens or len(lens) < 3:
+        return MAX_SIDE
+    cells = min(int(lens[1]), int(lens[2])) * int(getattr(model_config, "patch_size", 1))
+    return min(MAX_SIDE * 4, cells * family.latent_factor)
 
 
 def check_device(backend: str, device, name: str = "device") -> str | None:

@@ -391,3 +391,13 @@ def test_sampler_badge_shows_the_size_actually_generated(node_models):
     (latent,) = out["result"]
     assert tuple(latent["samples"].shape[-2:]) == (4, 62)
     assert "992x64" in out["ui"]["fluxcore"][0]["badge"]
+
+
+def test_size_limits_come_from_the_models_position_range():
+    from flux_core.configs import KleinConfig, ZImageConfig
+    from flux_core.families import FAMILIES
+    from flux_core.validate import MAX_SIDE, size_limit
+
+    assert size_limit(ZImageConfig(), FAMILIES["zimage"]) == 512 * 2 * 8  # axes_lens rows x patch x VAE factor
+    assert size_limit(ZImageConfig(axes_lens=(1536, 256, 512)), FAMILIES["zimage"]) == 4096
+    assert size_limit(KleinConfig(), FAMILIES["klein"]) == MAX_SIDE  # FLUX.2 RoPE has no trained table

@@ -154,3 +154,19 @@ def test_pickle_checkpoints_are_named_as_such_and_never_unpickled(tmp_path, monk
     odd.unlink()
     with pytest.raises(WeightError, match="only pickle checkpoints .*download the .safetensors version"):
         load_checkpoint(tmp_path)
+
+
+def test_real_library_configs_pass_the_config_check():
+    """The configs diffusers and transformers write for every model we read must never be called damaged."""
+    import inspect
+
+    import diffusers
+    import transformers
+
+    from flux_core.weights.meta import check_config
+
+    for name in ("AutoencoderKLFlux2", "AutoencoderKL", "Flux2Transformer2DModel", "ZImageTransformer2DModel"):
+        params = inspect.signature(getattr(diffusers, name).__init__).parameters
+        config = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+        check_config(json.loads(json.dumps({"_class_name": name, **config}, default=list)), name)
+    check_config(json.loads(json.dumps(transformers.Qwen3Config().to_dict())), "Qwen3Config")

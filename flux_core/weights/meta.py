@@ -20,10 +20,11 @@ _MAX_FLOAT = 1e12    # rope_theta (1e6 for Qwen3) is the largest real value; a l
 
 # key -> expected kind. "dim": int >= 1, "count": int >= 0, "pos": finite float > 0, "num": finite float,
 # "nonzero": finite float != 0, "ints": list of dims, "bool", "str", "obj": JSON object (checked recursively),
-# "?"-prefixed kinds also accept null. Keys are the ones our builders read from diffusers / transformers configs.
+# "?"-prefixed kinds also accept null, "a|b" either kind (the FLUX.2 VAE's patch_size is [2, 2], the transformer's
+# an int). Keys are the ones our builders read from diffusers / transformers configs.
 CONFIG_KINDS = {
     # FLUX.2 klein (diffusers Flux2Transformer2DModel)
-    "_class_name": "str", "patch_size": "dim", "num_attention_heads": "dim", "attention_head_dim": "dim",
+    "_class_name": "str", "patch_size": "dim|ints", "num_attention_heads": "dim", "attention_head_dim": "dim",
     "in_channels": "dim", "out_channels": "?dim", "num_layers": "count", "num_single_layers": "count",
     "joint_attention_dim": "dim", "timestep_guidance_channels": "dim", "mlp_ratio": "pos", "axes_dims_rope": "ints",
     "rope_theta": "pos", "eps": "pos", "guidance_embeds": "bool",
@@ -108,6 +109,9 @@ def read_index(path: str | Path) -> list[str]:
 
 def _problem(kind: str, v) -> str | None:
     """None when `v` fits `kind`, else what it should have been."""
+    if "|" in kind:
+        problems = [_problem(k, v) for k in kind.split("|")]
+        return None if None in problems else " or ".join(problems)
     if kind.startswith("?"):
         if v is None:
             return None
