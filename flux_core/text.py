@@ -17,7 +17,6 @@ Qwen2.5's and injects a default system prompt).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
