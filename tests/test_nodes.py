@@ -149,6 +149,7 @@ def test_loader_lists_standard_files(demo):
 
 
 # ----------------------------------------------------------------------------------------------------- running
+@pytest.mark.slow
 def test_klein_text_to_image_matches_library(demo):
     from flux_core import pipeline
 
@@ -169,6 +170,7 @@ def test_klein_text_to_image_matches_library(demo):
     assert rel_err(images, ref.images) < 1e-6
 
 
+@pytest.mark.slow
 def test_klein_edit_and_multi_reference_match_library(demo):
     from flux_core import pipeline
 
@@ -190,6 +192,7 @@ def test_klein_edit_and_multi_reference_match_library(demo):
     assert rel_err(latent["samples"], ref.latent) < 1e-6
 
 
+@pytest.mark.slow
 def test_klein_base_cfg_uses_negative(demo):
     from flux_core import pipeline
 
@@ -207,6 +210,7 @@ def test_klein_base_cfg_uses_negative(demo):
     assert rel_err(latent["samples"], ref.latent) < 1e-6
 
 
+@pytest.mark.slow
 def test_zimage_latent_is_comfyui_native_and_img2img_works(demo):
     """Z-Image LATENTs carry the raw FLUX.1 VAE mean (ComfyUI applies (x-0.1159)*0.3611 inside the model)."""
     from flux_core import pipeline
@@ -355,6 +359,7 @@ def test_latent_helpers_roundtrip():
     assert float(d["samples"][0, 0, 0, 0]) == pytest.approx(1 / 0.3611 + 0.1159)
 
 
+@pytest.mark.slow
 def test_mlx_backend_through_the_nodes_matches_torch(demo):
     """backend=mlx end to end through the model, VAE, reference and sampler nodes (MLX's CPU build on Linux)."""
     from flux_core import backend

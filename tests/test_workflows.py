@@ -91,6 +91,7 @@ def test_checker_catches_broken_workflows(info):
         assert needle in problems, (needle, problems)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_runs_in_process(name, info):
     """The graph as ComfyUI would execute it, on tiny checkpoints; sizes shrunk to 64 px (0 = from the reference),
