@@ -104,11 +104,6 @@ def save_images(images, output: str | os.PathLike, params: dict) -> list[Path]:
     return written
 
 
-def save_pngs(images, output: str | os.PathLike, params: dict) -> list[Path]:
-    """Kept for callers of the old name; any of the supported extensions works."""
-    return save_images(images, output, params)
-
-
 def _encode(pil, f, fmt: str, params: dict) -> None:
     from PIL import Image, PngImagePlugin
 

@@ -262,6 +262,21 @@ def test_cli_help_explains_every_option_with_its_default(capsys):
         assert default in " ".join(helps[opt].split()), (opt, helps[opt])
 
 
+def test_cli_failing_latent_write_leaves_no_image(files, tmp_path, capsys, monkeypatch):
+    from flux_core import outputs
+    from flux_core.__main__ import main
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "l.safetensors"))
+
+    monkeypatch.setattr(outputs, "save_latent", disk_full)
+    argv = _argv(Cli("x", {"--output-latent": str(tmp_path / "l.safetensors")}, 2, ""), files, tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err
+    assert not (tmp_path / "out.png").exists()  # no image that looks like a finished run
+
+
 def test_cli_records_the_size_actually_generated(files, tmp_path, capsys):
     from flux_core.__main__ import main
     from flux_core.outputs import read_params
