@@ -68,8 +68,19 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-latent", metavar="FILE",
                    help="also save the final latent (.safetensors, key 'latent', native layout) (default: none)")
     p.add_argument("--compile", action="store_true",
+<<<<<<< HEAD
                    help="torch: compile the transformer blocks (faster steps on CUDA after a one-off compile) "
                         "(default: off)")
+=======
+                   help="torch: compile the transformer blocks (faster steps on CUDA after a one-off compile)")
+    p.add_argument("--offload", choices=["auto", "none", "model", "blocks"], default="auto",
+                   help="CUDA: keep weights in host memory and copy them in when used: model = whole components "
+                        "between stages, blocks = transformer / text-encoder blocks streamed while the previous "
+                        "one computes (about 2 GB for klein-4B); auto = none when it fits, else blocks. MLX / CPU: "
+                        "none (unified memory)")
+    p.add_argument("--vae-tile", default="auto", metavar="auto|off|PX",
+                   help="VAE in overlapping tiles of PX pixels (auto: above 2 MP or when memory is short)")
+>>>>>>> main
     p.add_argument("--release-text-encoder", choices=["auto", "yes", "no"], default="auto",
                    help="free the text encoder after encoding (default: auto = on devices with less than 32 GB)")
     p.add_argument("--verbose", "-v", action="store_true",
@@ -118,18 +129,24 @@ def _components(args):
 
 
 def run_generate(args) -> list[Path]:
+<<<<<<< HEAD
     from . import backend as backends
     from . import models, pipeline
+=======
+    from . import models, pipeline, tiling
+>>>>>>> main
 
     refs, init = check_args(args)
     model_path, te_path, vae_path, tok = _components(args)
     distilled = {"auto": None, "distilled": True, "base": False}[args.variant]
     backends.choose(args.backend, args.device)  # an unavailable device is refused before the weights are read
     t0 = time.perf_counter()
+    tiling.parse_option(args.vae_tile)  # a bad value fails before any loading
     transformer = models.load_transformer(model_path, args.backend, args.device, args.dtype, args.quantization,
-                                          distilled=distilled, compile=args.compile)
-    text_encoder = models.load_text_encoder(te_path, tok, args.backend, args.device, args.dtype, args.quantization)
-    vae = models.load_vae(vae_path, args.backend, args.device, args.dtype)
+                                          distilled=distilled, compile=args.compile, offload=args.offload)
+    text_encoder = models.load_text_encoder(te_path, tok, args.backend, args.device, args.dtype, args.quantization,
+                                            offload=args.offload)
+    vae = models.load_vae(vae_path, args.backend, args.device, args.dtype, offload=args.offload)
     for m in (transformer, text_encoder, vae):
         log.info("loaded %s (%s)", m.describe(), "; ".join(m.notes))
     log.info("loading took %.1f s", time.perf_counter() - t0)
@@ -145,8 +162,14 @@ def run_generate(args) -> list[Path]:
     gen = pipeline.generate(transformer, text_encoder, vae, args.prompt, negative_prompt=args.negative_prompt,
                             width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
                             seed=seed, batch_size=args.batch_size, references=refs, init_image=init,
+<<<<<<< HEAD
                             strength=args.strength if init is None else (args.strength or 0.6), callback=progress,
                             release_text_encoder={"auto": None, "yes": True, "no": False}[args.release_text_encoder])
+=======
+                            strength=args.strength if init is not None else 1.0, callback=progress,
+                            release_text_encoder={"auto": None, "yes": True, "no": False}[args.release_text_encoder],
+                            vae_tile=args.vae_tile)
+>>>>>>> main
     log.info("generation took %.2f s", time.perf_counter() - t1)
     gen.params.update({"model_file": Path(model_path).name, "text_encoder_file": Path(te_path).name,
                        "vae_file": Path(vae_path).name})

@@ -125,13 +125,23 @@ def prepare_reference(image, multiple: int, keep_size: bool = False):
     return arr.transpose(2, 0, 1)[None].copy()
 
 
-def encode_image(vae: LoadedModel, pixels01):
-    """[B,3,H,W] 0..1 (numpy or backend array) -> latent in the model's native layout."""
-    return vae.module.encode(_to_backend(pixels01, vae))
+def encode_image(vae: LoadedModel, pixels01, tile="auto"):
+    """[B,3,H,W] 0..1 (numpy or backend array) -> latent in the model's native layout. tile: auto | off | pixels."""
+    x = _to_backend(pixels01, vae)
+    return vae.module.encode(x, tile=tile_for(vae, tile, int(x.shape[-2]), int(x.shape[-1])))
 
 
-def encode_reference(vae: LoadedModel, image, keep_size: bool = False):
-    return encode_image(vae, prepare_reference(image, vae.module.downscale, keep_size))
+def encode_reference(vae: LoadedModel, image, keep_size: bool = False, tile="auto"):
+    return encode_image(vae, prepare_reference(image, vae.module.downscale, keep_size), tile)
+
+
+def tile_for(vae: LoadedModel, option, height: int, width: int) -> int | None:
+    """The VAE tile side in pixels for an image of height x width (None: one pass), from the option (auto | off |
+    pixels), the image size and, where known (CUDA), the free device memory (flux_core/tiling.py)."""
+    from . import memory, tiling
+
+    free = impl(vae.backend).free_bytes(vae.device) if tiling.parse_option(option) == "auto" else None
+    return tiling.resolve_tile(option, height, width, memory.DTYPE_BYTES[vae.dtype], free)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,9 +310,12 @@ def _to_backend(arr, model: LoadedModel):
 # ----------------------------------------------------------------------------------------------------------------
 # 4. decode and the whole thing
 
-def decode(vae: LoadedModel, latent):
-    """Native latent -> float32 numpy images [B, H, W, 3] in 0..1 (ComfyUI's IMAGE layout)."""
-    images = vae.module.decode(_to_backend(latent, vae))
+def decode(vae: LoadedModel, latent, tile="auto"):
+    """Native latent -> float32 numpy images [B, H, W, 3] in 0..1 (ComfyUI's IMAGE layout). tile: auto | off |
+    pixels (auto: tiled above ~2 MP or when the untiled pass would not fit in free device memory)."""
+    z = _to_backend(latent, vae)
+    s = vae.module.downscale
+    images = vae.module.decode(z, tile=tile_for(vae, tile, int(z.shape[-2]) * s, int(z.shape[-1]) * s))
     return impl(vae.backend, "runtime").to_numpy(images).transpose(0, 2, 3, 1)
 
 
@@ -328,12 +341,21 @@ class Generation:
 def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedModel, prompt: str, *,
              negative_prompt: str = "", width: int | None = None, height: int | None = None,
              steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 1,
+<<<<<<< HEAD
              references=(), init_image=None, strength: float | None = None, noise=None,
              callback=None, interrupt=None, release_text_encoder: bool | None = None) -> Generation:
     """The whole job. References and the init image may be paths or images; `strength` (0..1, default 1) only with
     an init image. `release_text_encoder`: drop the text encoder from memory once the prompts are encoded
     (None = automatically on devices with less than 32 GB, as flux.c and mflux do). Every input is checked before
     the first model call."""
+=======
+             references=(), init_image=None, strength: float = 1.0, noise=None,
+             callback=None, interrupt=None, release_text_encoder: bool | None = None,
+             vae_tile="auto") -> Generation:
+    """The whole job. `release_text_encoder`: drop the text encoder from memory once the prompts are encoded
+    (None = automatically on devices with less than 32 GB, as flux.c and mflux do). `vae_tile`: auto | off | pixels
+    for every VAE pass (references, init image, decode)."""
+>>>>>>> main
     from . import backend as backends
     from .models import release
 
@@ -358,18 +380,19 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
         release(text_encoder)
         text_encoder.module.release()
     for ref in references:
-        cond = cond.with_reference(encode_reference(vae, ref))
+        cond = cond.with_reference(encode_reference(vae, ref, tile=vae_tile))
     init_latent = None
     if init_image is not None:
         pil = to_pil(init_image)
         m = family.size_multiple
         size = (width or pil.size[0] // m * m, height or pil.size[1] // m * m)
         pil = pil.resize(size, _lanczos()) if pil.size != size else pil
-        init_latent = encode_image(vae, (np.asarray(pil, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None])
+        init_latent = encode_image(vae, (np.asarray(pil, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None],
+                                   vae_tile)
     res = sample(transformer, cond, uncond, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
                  noise=noise, batch_size=batch_size, init_latent=init_latent, strength=strength,
                  callback=callback, interrupt=interrupt)
-    images = decode(vae, res.latent)
+    images = decode(vae, res.latent, vae_tile)
     if transformer.backend == "mlx":
         backends.empty_cache()  # MLX keeps freed buffers in its cache until told; clear between generations
     params = {"model": variant.name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": res.seed,

@@ -80,10 +80,10 @@ class Graph:
 
 def loaders(g: Graph, model_file: str, vae_file: str, variant: str = "auto"):
     klein = "klein" in model_file
-    te = g.add("FluxCoreTextEncoderLoader", (0, 0), ["qwen_3_4b.safetensors", "auto", "auto", "none", ""],
+    te = g.add("FluxCoreTextEncoderLoader", (0, 0), ["qwen_3_4b.safetensors", "auto", "auto", "none", "auto", ""],
                model_file="qwen_3_4b.safetensors")
     m = g.add("FluxCoreKleinModelLoader" if klein else "FluxCoreZImageModelLoader", (0, 220),
-              [model_file, "auto", "auto", "none", variant], model_file=model_file)
+              [model_file, "auto", "auto", "none", variant, False, "auto"], model_file=model_file)
     vae = g.add("FluxCoreVAELoader", (0, 440), [vae_file, "auto", "auto"], model_file=vae_file)
     return te, m, vae
 
@@ -91,7 +91,7 @@ def loaders(g: Graph, model_file: str, vae_file: str, variant: str = "auto"):
 def finish(g: Graph, m, pos, neg, vae, widgets, prefix, col=800):
     s = g.add("FluxCoreSampler", (col, 0), widgets,
               {"model": (m, 0), "positive": pos, **({"negative": neg} if neg else {})})
-    d = g.add("FluxCoreVAEDecode", (col + 360, 0), [], {"vae": (vae, 0), "samples": (s, 0)})
+    d = g.add("FluxCoreVAEDecode", (col + 360, 0), ["auto"], {"vae": (vae, 0), "samples": (s, 0)})
     g.add("SaveImage", (col + 720, 0), [prefix], {"images": (d, 0)})
 
 
