@@ -68,19 +68,15 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-latent", metavar="FILE",
                    help="also save the final latent (.safetensors, key 'latent', native layout) (default: none)")
     p.add_argument("--compile", action="store_true",
-<<<<<<< HEAD
                    help="torch: compile the transformer blocks (faster steps on CUDA after a one-off compile) "
                         "(default: off)")
-=======
-                   help="torch: compile the transformer blocks (faster steps on CUDA after a one-off compile)")
     p.add_argument("--offload", choices=["auto", "none", "model", "blocks"], default="auto",
                    help="CUDA: keep weights in host memory and copy them in when used: model = whole components "
                         "between stages, blocks = transformer / text-encoder blocks streamed while the previous "
                         "one computes (about 2 GB for klein-4B); auto = none when it fits, else blocks. MLX / CPU: "
-                        "none (unified memory)")
+                        "none (unified memory) (default: auto)")
     p.add_argument("--vae-tile", default="auto", metavar="auto|off|PX",
-                   help="VAE in overlapping tiles of PX pixels (auto: above 2 MP or when memory is short)")
->>>>>>> main
+                   help="VAE in overlapping tiles of PX pixels (auto: above 2 MP or when memory is short) (default: auto)")
     p.add_argument("--release-text-encoder", choices=["auto", "yes", "no"], default="auto",
                    help="free the text encoder after encoding (default: auto = on devices with less than 32 GB)")
     p.add_argument("--verbose", "-v", action="store_true",
@@ -129,12 +125,8 @@ def _components(args):
 
 
 def run_generate(args) -> list[Path]:
-<<<<<<< HEAD
     from . import backend as backends
-    from . import models, pipeline
-=======
     from . import models, pipeline, tiling
->>>>>>> main
 
     refs, init = check_args(args)
     model_path, te_path, vae_path, tok = _components(args)
@@ -162,14 +154,9 @@ def run_generate(args) -> list[Path]:
     gen = pipeline.generate(transformer, text_encoder, vae, args.prompt, negative_prompt=args.negative_prompt,
                             width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
                             seed=seed, batch_size=args.batch_size, references=refs, init_image=init,
-<<<<<<< HEAD
                             strength=args.strength if init is None else (args.strength or 0.6), callback=progress,
-                            release_text_encoder={"auto": None, "yes": True, "no": False}[args.release_text_encoder])
-=======
-                            strength=args.strength if init is not None else 1.0, callback=progress,
                             release_text_encoder={"auto": None, "yes": True, "no": False}[args.release_text_encoder],
                             vae_tile=args.vae_tile)
->>>>>>> main
     log.info("generation took %.2f s", time.perf_counter() - t1)
     gen.params.update({"model_file": Path(model_path).name, "text_encoder_file": Path(te_path).name,
                        "vae_file": Path(vae_path).name})

@@ -341,21 +341,13 @@ class Generation:
 def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedModel, prompt: str, *,
              negative_prompt: str = "", width: int | None = None, height: int | None = None,
              steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 1,
-<<<<<<< HEAD
              references=(), init_image=None, strength: float | None = None, noise=None,
-             callback=None, interrupt=None, release_text_encoder: bool | None = None) -> Generation:
-    """The whole job. References and the init image may be paths or images; `strength` (0..1, default 1) only with
-    an init image. `release_text_encoder`: drop the text encoder from memory once the prompts are encoded
-    (None = automatically on devices with less than 32 GB, as flux.c and mflux do). Every input is checked before
-    the first model call."""
-=======
-             references=(), init_image=None, strength: float = 1.0, noise=None,
              callback=None, interrupt=None, release_text_encoder: bool | None = None,
              vae_tile="auto") -> Generation:
-    """The whole job. `release_text_encoder`: drop the text encoder from memory once the prompts are encoded
+    """The whole job. References and the init image may be paths or images; `strength` (0..1, default 1) only with
+    an init image. `release_text_encoder`: drop the text encoder from memory once the prompts are encoded
     (None = automatically on devices with less than 32 GB, as flux.c and mflux do). `vae_tile`: auto | off | pixels
-    for every VAE pass (references, init image, decode)."""
->>>>>>> main
+    for every VAE pass (references, init image, decode). Every input is checked before the first model call."""
     from . import backend as backends
     from .models import release
 
