@@ -150,16 +150,20 @@ def load_text_encoder(path, tokenizer: str | None = None, backend: str = "auto",
     return _cached(key, build)
 
 
-def load_vae(path, backend: str = "auto", device: str | None = None, dtype: str | None = None) -> LoadedModel:
+def load_vae(path, backend: str = "auto", device: str | None = None, dtype: str | None = None,
+             compile: bool = False) -> LoadedModel:
+    """compile=True (torch): the decoder is compiled channels-last on first decode (~2x faster decode on CUDA)."""
     choice, dt = _resolve(backend, device, dtype)
 
     def build():
         ckpt = load_checkpoint(path, component="vae")
         vae = backends.load_vae(choice, ckpt, dt)
-        return LoadedModel("vae", vae, ckpt.source, choice.backend, choice.device, dt, "none", None,
-                           [choice.reason, f"{vae.kind.upper()} VAE detected from the keys"])
+        notes = [choice.reason, f"{vae.kind.upper()} VAE detected from the keys"]
+        if compile:
+            notes.append(backends.compile_vae(vae, choice))
+        return LoadedModel("vae", vae, ckpt.source, choice.backend, choice.device, dt, "none", None, notes)
 
-    key = _key("vae", path, choice.backend + choice.device, dt, "none")
+    key = _key("vae", path, choice.backend + choice.device, dt, "none", (compile,) if compile else ())
     return _cached(key, build)
 
 

@@ -3,12 +3,17 @@
 A denoiser maps (latent x [B, C, h, w] float32, model time t) to the velocity v = noise − x0 in float32, hiding each
 family's conventions (klein: packed tokens, reference tokens, t = σ; Z-Image: t = 1 − σ, negated output) so that
 `pipeline.euler` is one loop for both. Position ids and RoPE tables are built once per generation, not per step.
+
+A compiled transformer on CUDA (`fluxcore_cuda_graphs`, set by `loaders.compile_blocks`) has its step replayed from
+a CUDA graph from the second step on (`graphs.CudaGraphCache`): the step is a function of (x, t) tensors only, so
+the host enqueues a whole step in one launch and a host pause cannot starve the GPU.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from .graphs import CudaGraphCache
 
 
 def to_backend(arr, model):
@@ -38,7 +43,16 @@ def initial_latent(noise, init_latent, sigma, model):
 def make_denoiser(model, cond, uncond, guidance: float, batch: int, h: int, w: int):
     """The family's denoiser (`_<family.module>_denoiser` below): (x, t) -> v = noise − x0, float32."""
     make = globals()[f"_{model.family.module}_denoiser"]
-    return make(model.module, model.family, cond, uncond, guidance, batch, h, w)
+    step = make(model.module, model.family, cond, uncond, guidance, batch, h, w)
+    if getattr(model.module, "fluxcore_cuda_graphs", False):
+        step = CudaGraphCache(step, name=f"{model.family.module} step", max_entries=1)
+    dev = next(model.module.parameters()).device
+
+    @torch.inference_mode()
+    def denoise(x, t):
+        return step(x, torch.full((1,), float(t), dtype=torch.float32, device=dev))
+
+    return denoise
 
 
 def pack(x):
@@ -77,18 +91,18 @@ def _klein_denoiser(net, family, cond, uncond, guidance, batch, h, w):
     n_noise = h * w
 
     @torch.inference_mode()
-    def denoise(x, t):
+    def step(x, t):  # x [B, C, h, w] float32, t [1] float32 on the device
         tokens = pack(x)
         if ref_tokens is not None:
             tokens = torch.cat([tokens, ref_tokens], 1)
         tokens = tokens.to(dt).repeat(rows // batch, 1, 1)
-        ts = torch.full((rows,), float(t), dtype=torch.float32, device=dev)  # sigma stays float32 (see klein.py)
+        ts = t.expand(rows)  # sigma stays float32 (see klein.py)
         v = net(tokens, img_ids, txt, txt_ids, ts, pe=pe)[:, :n_noise].float()
         if rows > batch:
             v = family.cfg_combine(v[:batch], v[batch:], guidance)
         return unpack(family.velocity(v), h, w)
 
-    return denoise
+    return step
 
 
 def _zimage_denoiser(net, family, cond, uncond, guidance, batch, h, w):
@@ -101,15 +115,15 @@ def _zimage_denoiser(net, family, cond, uncond, guidance, batch, h, w):
     rope = None
 
     @torch.inference_mode()
-    def denoise(x, t):
+    def step(x, t):  # x [B, C, h, w] float32, t [1] float32 on the device
         nonlocal rope
         if rope is None:  # built on the first step, reused after (depends only on sizes)
             rope = net.make_rope([c.shape[0] for c in caps], x.shape[-2], x.shape[-1], device=dev)
         xin = x.to(dt).repeat(rows // batch, 1, 1, 1)
-        ts = torch.full((rows,), float(t), dtype=torch.float32, device=dev)
+        ts = t.expand(rows)
         out = net(xin, ts, caps, rope_cache=rope).float()
         if rows > batch:
             out = family.cfg_combine(out[:batch], out[batch:], guidance)
         return family.velocity(out)  # Z-Image predicts x0 − noise: v is its negation
 
-    return denoise
+    return step
