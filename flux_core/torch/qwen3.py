@@ -73,9 +73,9 @@ class Qwen3Attention(nn.Module):
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         rep = self.n_heads // self.n_kv  # query head h reads KV head h // rep (HF repeat_kv)
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        if rep > 1:  # expand + reshape, as HF: repeat_interleave may ask the GPU for its output size (a host sync)
+            k = k[:, :, None].expand(B, self.n_kv, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
+            v = v[:, :, None].expand(B, self.n_kv, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias, is_causal=mask.bias is None,
                                              scale=1.0 / math.sqrt(self.head_dim))
         if mask.dead is not None:
