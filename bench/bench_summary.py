@@ -106,7 +106,7 @@ def driver():
 def _env():
     cuda = DEV.type == "cuda"
     return {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(), "utc": datetime.datetime.utcnow().strftime("%H:%M")}
+            "date": datetime.date.today().isoformat(), "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M")}
 
 
 def _get(results, part, key, i=0):
@@ -584,6 +584,17 @@ def image_loop(run, reps, label):
     put(f"{label}_gc_ms_per_image", gcs)
 
 
+STEPS = []
+
+
+def _event():
+    if DEV.type != "cuda":
+        return None
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
 def ours_image_runner(tr, te, vae, mode, steps, noise):
     from flux_core import pipeline
     from flux_core.text import clear_embedding_cache
@@ -597,9 +608,14 @@ def ours_image_runner(tr, te, vae, mode, steps, noise):
         sync()
         st["encode"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        res = pipeline.sample(tr, cond, width=size(), height=size(), steps=steps, noise=noise)
+        marks = [(_event(), t1)]
+        res = pipeline.sample(tr, cond, width=size(), height=size(), steps=steps, noise=noise,
+                              callback=lambda n, total, x: marks.append((_event(), time.perf_counter())))
         sync()
         st["denoise"] = time.perf_counter() - t1
+        if DEV.type == "cuda":  # per step: GPU time between the callbacks' events, and host time between callbacks
+            STEPS.append({"gpu_ms": [round(a[0].elapsed_time(b[0]), 1) for a, b in zip(marks, marks[1:])],
+                          "host_ms": [round((b[1] - a[1]) * 1e3, 1) for a, b in zip(marks, marks[1:])]})
         t2 = time.perf_counter()
         pipeline.decode(vae, res.latent)
         st["decode"] = time.perf_counter() - t2
@@ -665,7 +681,16 @@ def part_image(family_name):
         run()
         put("ours_first_image_s (compiles)", round(time.time() - t, 1))
         run()  # the second generation captures the step graphs (first steps of each shape run plainly)
+        STEPS.clear()
         image_loop(run, A.image_reps, "ours")
+        put("ours_steps_last_image", STEPS[-1] if STEPS else None)
+        if with_peer and DEV.type == "cuda":  # the same models with the CUDA-graph replay switched off
+            os.environ["FLUXCORE_CUDA_GRAPHS"] = "0"
+            run()
+            STEPS.clear()
+            image_loop(run, A.image_reps, "ours_no_graphs")
+            put("ours_no_graphs_steps_last_image", STEPS[-1] if STEPS else None)
+            os.environ["FLUXCORE_CUDA_GRAPHS"] = "1"
         if DEV.type == "cuda":
             put("ours_peak_gb" + ("" if not with_peer else " (diffusers models resident too)"),
                 round(torch.cuda.max_memory_allocated() / 1e9, 2))

@@ -4,9 +4,10 @@ A denoiser maps (latent x [B, C, h, w] float32, model time t) to the velocity v 
 family's conventions (klein: packed tokens, reference tokens, t = σ; Z-Image: t = 1 − σ, negated output) so that
 `pipeline.euler` is one loop for both. Position ids and RoPE tables are built once per generation, not per step.
 
-A compiled transformer on CUDA (`fluxcore_cuda_graphs`, set by `loaders.compile_blocks`) has its step replayed from
-a CUDA graph from the second step on (`graphs.CudaGraphCache`): the step is a function of (x, t) tensors only, so
-the host enqueues a whole step in one launch and a host pause cannot starve the GPU.
+A compiled transformer on CUDA (`fluxcore_cuda_graphs`, set by `loaders.compile_blocks`) runs its forward through
+one `graphs.CudaGraphCache` kept on the model, whose inputs are all tensors (latent tokens, text, time, RoPE tables):
+the graph captured once for a shape serves every later step and every later generation of that shape (new prompt
+text is copied into the captured buffers), so the host enqueues a step in one launch and never re-captures.
 """
 from __future__ import annotations
 
@@ -44,8 +45,6 @@ def make_denoiser(model, cond, uncond, guidance: float, batch: int, h: int, w: i
     """The family's denoiser (`_<family.module>_denoiser` below): (x, t) -> v = noise − x0, float32."""
     make = globals()[f"_{model.family.module}_denoiser"]
     step = make(model.module, model.family, cond, uncond, guidance, batch, h, w)
-    if getattr(model.module, "fluxcore_cuda_graphs", False):
-        step = CudaGraphCache(step, name=f"{model.family.module} step", max_entries=1)
     dev = next(model.module.parameters()).device
 
     @torch.inference_mode()
@@ -53,6 +52,29 @@ def make_denoiser(model, cond, uncond, guidance: float, batch: int, h: int, w: i
         return step(x, torch.full((1,), float(t), dtype=torch.float32, device=dev))
 
     return denoise
+
+
+def _forward(net, fn):
+    """`fn` (a function of tensors and hashable constants only), replayed from the model's CUDA graph cache when the
+    model was compiled on CUDA; one graph per model (a new shape replaces it), shared by all generations."""
+    if not getattr(net, "fluxcore_cuda_graphs", False):
+        return fn
+    caches = getattr(net, "fluxcore_graph_caches", None)
+    if caches is None:
+        caches = net.fluxcore_graph_caches = {}
+    if fn not in caches:
+        caches[fn] = CudaGraphCache(fn, name=f"{type(net).__name__} forward", max_entries=1)
+    return caches[fn]
+
+
+def _klein_forward(net, tokens, txt, ts, pe):
+    return net(tokens, None, txt, None, ts, pe=pe)
+
+
+def _zimage_forward(net, xin, ts, meta, *flat):
+    n_caps = meta[0]
+    rope = ZImageRopeFlat.unflatten(meta[1:], flat[n_caps:])
+    return net(xin, ts, list(flat[:n_caps]), rope_cache=rope)
 
 
 def pack(x):
@@ -89,6 +111,7 @@ def _klein_denoiser(net, family, cond, uncond, guidance, batch, h, w):
         txt = torch.cat([txt, neg], 0)  # CFG: one forward over [positive; negative] rows
     rows = txt.shape[0]
     n_noise = h * w
+    forward = _forward(net, _klein_forward)
 
     @torch.inference_mode()
     def step(x, t):  # x [B, C, h, w] float32, t [1] float32 on the device
@@ -97,7 +120,7 @@ def _klein_denoiser(net, family, cond, uncond, guidance, batch, h, w):
             tokens = torch.cat([tokens, ref_tokens], 1)
         tokens = tokens.to(dt).repeat(rows // batch, 1, 1)
         ts = t.expand(rows)  # sigma stays float32 (see klein.py)
-        v = net(tokens, img_ids, txt, txt_ids, ts, pe=pe)[:, :n_noise].float()
+        v = forward(net, tokens, txt, ts, pe)[:, :n_noise].float()
         if rows > batch:
             v = family.cfg_combine(v[:batch], v[batch:], guidance)
         return unpack(family.velocity(v), h, w)
@@ -113,6 +136,7 @@ def _zimage_denoiser(net, family, cond, uncond, guidance, batch, h, w):
         caps += [c.to(dev, dt) for c in uncond.embeds]
     rows = len(caps)
     rope = None
+    forward = _forward(net, _zimage_forward)
 
     @torch.inference_mode()
     def step(x, t):  # x [B, C, h, w] float32, t [1] float32 on the device
@@ -121,9 +145,34 @@ def _zimage_denoiser(net, family, cond, uncond, guidance, batch, h, w):
             rope = net.make_rope([c.shape[0] for c in caps], x.shape[-2], x.shape[-1], device=dev)
         xin = x.to(dt).repeat(rows // batch, 1, 1, 1)
         ts = t.expand(rows)
-        out = net(xin, ts, caps, rope_cache=rope).float()
+        out = forward(net, xin, ts, (len(caps),) + ZImageRopeFlat.meta(rope), *caps, *ZImageRopeFlat.tensors(rope))
+        out = out.float()
         if rows > batch:
             out = family.cfg_combine(out[:batch], out[batch:], guidance)
         return family.velocity(out)  # Z-Image predicts x0 − noise: v is its negation
 
     return step
+
+
+class ZImageRopeFlat:
+    """A ZImageRope as (hashable metadata, tensors) and back, so a CUDA graph can take its tables as inputs."""
+
+    @staticmethod
+    def meta(rope) -> tuple:
+        return (rope.cap_lens, rope.height, rope.width, rope.cap_padded, rope.cap_mask is None, rope.joint_mask is None)
+
+    @staticmethod
+    def tensors(rope) -> tuple:
+        masks = tuple(m for m in (rope.cap_mask, rope.joint_mask) if m is not None)
+        return tuple(rope.img) + tuple(rope.cap) + tuple(rope.joint) + masks
+
+    @staticmethod
+    def unflatten(meta, flat):
+        from .zimage import ZImageRope
+
+        cap_lens, height, width, cap_padded, no_cap_mask, no_joint_mask = meta
+        masks = list(flat[9:])
+        cap_mask = None if no_cap_mask else masks.pop(0)
+        joint_mask = None if no_joint_mask else masks.pop(0)
+        return ZImageRope(cap_lens, height, width, tuple(flat[0:3]), tuple(flat[3:6]), tuple(flat[6:9]),
+                          cap_mask, joint_mask, cap_padded)
