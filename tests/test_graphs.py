@@ -88,3 +88,23 @@ def test_qwen3_graphed_route_equals_plain():
     plain = enc(ids, mask, output_layers=(3, 6))
     fast = enc.use_cuda_graphs()(ids, mask, output_layers=(3, 6))
     assert all(torch.equal(a, b) for a, b in zip(plain, fast))
+
+
+def test_klein_rope_table_built_once_per_layout():
+    """The RoPE table (float64 on the host, tens of ms at 1024²) is built once per token layout, not per generation."""
+    from refs import klein as rk
+
+    from flux_core.torch.klein import load_klein
+    from flux_core.weights.klein import to_native
+
+    net = load_klein(to_native(rk.build_reference(seed=0).state_dict()))
+    model = _loaded("klein", net)
+    built = []
+    real = net.make_pe
+    net.make_pe = lambda *a: (built.append(1), real(*a))[1]
+    emb = torch.randn(1, 512, net.config.context_in_dim, generator=torch.Generator().manual_seed(1))
+    first = _velocity(model, Conditioning("klein", emb, ["p"]), 4, 4, False)
+    again = _velocity(model, Conditioning("klein", emb * 2, ["q"]), 4, 4, False)
+    assert len(built) == 1 and not torch.equal(first[0], again[0])
+    _velocity(model, Conditioning("klein", emb, ["p"]), 6, 4, False)  # a new size: a new table
+    assert len(built) == 2

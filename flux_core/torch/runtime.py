@@ -99,11 +99,11 @@ def _klein_denoiser(net, family, cond, uncond, guidance, batch, h, w):
         ref = ref.to(dev)
         ids.append(position_ids(ref.shape[-2], ref.shape[-1], t=10 * (i + 1)))
         refs.append(pack(ref.float()))
-    img_ids = torch.cat(ids, 0).to(dev)[None]
     ref_tokens = torch.cat(refs, 1).expand(batch, -1, -1) if refs else None
     txt = cond.embeds.to(dev, dt)
-    txt_ids = text_ids(txt.shape[1]).to(dev)[None]
-    pe = net.make_pe(img_ids, txt_ids)  # [1, T+N, d/2, 2]: shared by every row, positive and negative alike
+    # [1, T+N, d/2, 2]: shared by every row, positive and negative alike, and by every generation of this layout
+    layout = ((h, w), tuple(tuple(r.shape[-2:]) for r in cond.refs), txt.shape[1], str(dev))
+    pe = _cached_pe(net, layout, lambda: net.make_pe(torch.cat(ids, 0)[None], text_ids(txt.shape[1])[None]).to(dev))
     if uncond is not None:
         neg = uncond.embeds.to(dev, dt)
         if neg.shape[1] != txt.shape[1]:
@@ -126,6 +126,25 @@ def _klein_denoiser(net, family, cond, uncond, guidance, batch, h, w):
         return unpack(family.velocity(v), h, w)
 
     return step
+
+
+PE_CACHE_SIZE = 4
+
+
+def _cached_pe(net, layout, build):
+    """klein's RoPE table for a token layout (image size, reference sizes, text length), kept on the model.
+
+    Measured on an H200 (2026-12-02): building it (float64 cos / sin on the CPU, for bit-equality with diffusers)
+    took 40-120 ms of host time per generation depending on the process -- the GPU idled that long before the first
+    step (the "slow mode" of whole-image runs). It depends only on the layout, so it is built once per layout."""
+    cache = getattr(net, "fluxcore_pe_cache", None)
+    if cache is None:
+        cache = net.fluxcore_pe_cache = {}
+    if layout not in cache:
+        if len(cache) >= PE_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[layout] = build()
+    return cache[layout]
 
 
 def _zimage_denoiser(net, family, cond, uncond, guidance, batch, h, w):
