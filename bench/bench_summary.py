@@ -188,7 +188,7 @@ if A.part:
     if COMPILE:
         import torch._dynamo as dynamo
 
-        dynamo.config.automatic_dynamic_shapes = False  # both sides: one static graph per shape (as the anchors)
+        dynamo.config.automatic_dynamic_shapes = False  # both sides: one static graph per shape (as docs/PERF.md)
         dynamo.config.cache_size_limit = 64
         if hasattr(dynamo.config, "recompile_limit"):
             dynamo.config.recompile_limit = 64
