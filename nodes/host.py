@@ -5,13 +5,15 @@ interrupts through `comfy.model_management`, and our model cache follows ComfyUI
 `install_memory_hooks`). Outside ComfyUI (tests, scripts): files are listed under the roots given to
 `set_model_roots()` or env FLUXCORE_MODELS_DIR (os.pathsep-separated), each with the standard subfolders
 (`diffusion_models/`, `text_encoders/`, `vae/`, plus the legacy `unet/` and `clip/`); progress is a no-op.
-Nothing here configures logging or prints (HOUSE_STYLE 9).
+Nothing here configures logging or prints (docs/CONTRIBUTING.md §C9).
 """
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
+
+from . import memory
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +171,14 @@ def _release_for_device(device, memory_required: float) -> None:
         if model_management.get_free_memory(device) >= memory_required:
             return
         log.info("fluxcore: releasing %s for ComfyUI (memory pressure)", m.describe())
+        memory.forget(m)
         models.release(m)
 
 
 def install_memory_hooks() -> bool:
-    """Make ComfyUI's memory management cover our cache.
+    """Make ComfyUI's memory management cover our cache. (Our torch CUDA models are also registered with it as
+    ModelPatchers, nodes/memory.py, so ComfyUI moves them to system RAM like its own; these hooks are the backstop
+    that frees the RAM as well.)
 
     ComfyUI has no public hook for foreign model caches, so we wrap two module functions that every path goes
     through (main.py looks them up as attributes, so wrapping works): `unload_all_models` (the /free endpoint's
@@ -193,6 +198,7 @@ def install_memory_hooks() -> bool:
             if models.cached_models():
                 log.info("fluxcore: ComfyUI unloads all models; releasing %d FluxCore models",
                          len(models.cached_models()))
+                memory.forget()
                 models.release()
         except Exception:
             log.warning("fluxcore: could not release the model cache", exc_info=True)

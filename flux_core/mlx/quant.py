@@ -10,7 +10,7 @@ modulation Linear, never embeddings, norms or the small input / output projectio
         mlx has it (0.29+); otherwise fp8 is refused with a ConfigError.
 
 A layer whose input dim does not divide by the group size is skipped (MLX raises on it), e.g. the tiny demo's
-32-wide Qwen3 at group 64. On a Linux CPU `quantized_matmul` is a slow scalar path (MLX.md): quantization is for
+32-wide Qwen3 at group 64. On a Linux CPU `quantized_matmul` is a slow scalar path (docs/PERF.md §P7): quantization is for
 Apple GPUs' memory, not CPU speed.
 """
 from __future__ import annotations
