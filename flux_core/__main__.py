@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import validate
 from .errors import FluxCoreError
+from .samplers import DEFAULT_SAMPLER, SAMPLERS
 
 log = logging.getLogger("flux_core")
 
@@ -44,6 +45,10 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, metavar="PX", help="image height in pixels, as --width (default: 1024)")
     p.add_argument("--steps", type=int, help=f"denoising steps, 1 to {validate.MAX_STEPS} "
                                              "(default: 4 klein, 50 klein base, 8 Z-Image-Turbo)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
+                   help="euler (what diffusers does) or res_multistep (ComfyUI's, as in its official "
+                        "Z-Image-Turbo template: the same image as that template at the same seed) "
+                        f"(default: {DEFAULT_SAMPLER})")
     p.add_argument("--guidance", type=float, help="CFG scale, a number >= 0: base models use CFG above 1 (klein) or "
                                                   "above 0 (Z-Image) (default: 4.0 klein base, 0 Z-Image-Turbo; "
                                                   "distilled klein ignores it)")
@@ -68,8 +73,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-latent", metavar="FILE",
                    help="also save the final latent (.safetensors, key 'latent', native layout) (default: none)")
     p.add_argument("--compile", action="store_true",
-                   help="torch: compile the transformer blocks (faster steps on CUDA after a one-off compile) "
-                        "(default: off)")
+                   help="torch: compile the transformer blocks and the VAE decoder (faster steps and decode on CUDA "
+                        "after a one-off compile) (default: off)")
     p.add_argument("--offload", choices=["auto", "none", "model", "blocks"], default="auto",
                    help="CUDA: keep weights in host memory and copy them in when used: model = whole components "
                         "between stages, blocks = transformer / text-encoder blocks streamed while the previous "
@@ -138,7 +143,7 @@ def run_generate(args) -> list[Path]:
                                           distilled=distilled, compile=args.compile, offload=args.offload)
     text_encoder = models.load_text_encoder(te_path, tok, args.backend, args.device, args.dtype, args.quantization,
                                             offload=args.offload)
-    vae = models.load_vae(vae_path, args.backend, args.device, args.dtype, offload=args.offload)
+    vae = models.load_vae(vae_path, args.backend, args.device, args.dtype, offload=args.offload, compile=args.compile)
     for m in (transformer, text_encoder, vae):
         log.info("loaded %s (%s)", m.describe(), "; ".join(m.notes))
     log.info("loading took %.1f s", time.perf_counter() - t0)
@@ -154,6 +159,7 @@ def run_generate(args) -> list[Path]:
     gen = pipeline.generate(transformer, text_encoder, vae, args.prompt, negative_prompt=args.negative_prompt,
                             width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
                             seed=seed, batch_size=args.batch_size, references=refs, init_image=init,
+                            sampler=args.sampler,
                             strength=args.strength if init is None else (args.strength or 0.6), callback=progress,
                             release_text_encoder={"auto": None, "yes": True, "no": False}[args.release_text_encoder],
                             vae_tile=args.vae_tile)

@@ -16,9 +16,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import schedule, validate
+from . import samplers, schedule, validate
 from .backend import impl
-from .errors import ConfigError, Interrupted
+from .errors import ConfigError
 from .families import MAX_SEED
 from .models import LoadedModel, check_pair, check_text_width
 
@@ -254,18 +254,21 @@ class SampleResult:
     width: int = 0
     height: int = 0
     cfg: bool = False
+    sampler: str = samplers.DEFAULT_SAMPLER
 
 
 def sample(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None = None, *,
            width: int | None = None, height: int | None = None, steps: int | None = None,
            guidance: float | None = None, seed: int = 0, noise=None, batch_size: int | None = None,
-           init_latent=None, strength: float | None = None,
+           init_latent=None, strength: float | None = None, sampler: str = samplers.DEFAULT_SAMPLER,
            callback: Callable | None = None, interrupt: Callable[[], bool] | None = None) -> SampleResult:
     """The denoising loop, shared by both families and both backends (after `prepare`'s rules).
 
     noise: optional explicit float32 [B, C, h, w] (the seed's noise otherwise). init_latent + strength < 1: start
     from the encoded image at σ[start] (image-to-image). callback(step, total, latent) after every step;
-    interrupt() is polled before every step and raises Interrupted."""
+    interrupt() is polled before every step and raises Interrupted. sampler: "euler" (what diffusers and the
+    reference pipelines do) or "res_multistep" (ComfyUI's, as in its official Z-Image template); see samplers.py."""
+    samplers.check_sampler(sampler)
     req = prepare(model, cond, uncond, width=width, height=height, steps=steps, guidance=guidance,
                   batch_size=batch_size, init_latent=init_latent, strength=strength)
     family = model.family
@@ -284,23 +287,13 @@ def sample(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None =
     ops = impl(model.backend, "runtime")
     denoise = ops.make_denoiser(model, req.cond, req.uncond, req.guidance, req.batch, h, w)
     x = ops.initial_latent(noise, req.init_latent, sigmas[start], model)
-    x = euler(denoise, x, sigmas, family, start, callback, interrupt, ops)
-    return SampleResult(x, int(seed), req.steps, req.guidance, sigmas, req.width, req.height, req.cfg)
+    x = samplers.run(sampler, denoise, x, sigmas, family, start, callback, interrupt, ops)
+    return SampleResult(x, int(seed), req.steps, req.guidance, sigmas, req.width, req.height, req.cfg, sampler)
 
 
 def euler(denoise, x, sigmas, family, start: int = 0, callback=None, interrupt=None, ops=None):
     """x <- x + (σ_{i+1} − σ_i)·v, with v in the FLUX convention (noise − x0); float32 between steps."""
-    total = len(sigmas) - 1 - start
-    for n, i in enumerate(range(start, len(sigmas) - 1)):
-        if interrupt is not None and interrupt():
-            raise Interrupted(f"interrupted before step {n + 1} of {total}")
-        v = denoise(x, family.model_time(sigmas[i]))
-        x = x + float(np.float32(sigmas[i + 1] - sigmas[i])) * v
-        if ops is not None:
-            x = ops.step_done(x)
-        if callback is not None:
-            callback(n + 1, total, x)
-    return x
+    return samplers.run("euler", denoise, x, sigmas, family, start, callback, interrupt, ops)
 
 
 def _to_backend(arr, model: LoadedModel):
@@ -342,8 +335,8 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
              negative_prompt: str = "", width: int | None = None, height: int | None = None,
              steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 1,
              references=(), init_image=None, strength: float | None = None, noise=None,
-             callback=None, interrupt=None, release_text_encoder: bool | None = None,
-             vae_tile="auto") -> Generation:
+             sampler: str = samplers.DEFAULT_SAMPLER, callback=None, interrupt=None,
+             release_text_encoder: bool | None = None, vae_tile="auto") -> Generation:
     """The whole job. References and the init image may be paths or images; `strength` (0..1, default 1) only with
     an init image. `release_text_encoder`: drop the text encoder from memory once the prompts are encoded
     (None = automatically on devices with less than 32 GB, as flux.c and mflux do). `vae_tile`: auto | off | pixels
@@ -352,6 +345,7 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
     from .models import release
 
     variant, family = transformer.variant, transformer.family
+    samplers.check_sampler(sampler)
     check_pair(transformer, vae)
     references, init_image = _check_inputs(transformer, prompt, negative_prompt, width, height, steps, guidance,
                                            seed, batch_size, references, init_image, strength)
@@ -383,12 +377,13 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
                                    vae_tile)
     res = sample(transformer, cond, uncond, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
                  noise=noise, batch_size=batch_size, init_latent=init_latent, strength=strength,
-                 callback=callback, interrupt=interrupt)
+                 sampler=sampler, callback=callback, interrupt=interrupt)
     images = decode(vae, res.latent, vae_tile)
     if transformer.backend == "mlx":
         backends.empty_cache()  # MLX keeps freed buffers in its cache until told; clear between generations
     params = {"model": variant.name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": res.seed,
-              "steps": res.steps, "guidance": res.guidance, "width": res.width, "height": res.height,
+              "steps": res.steps, "sampler": res.sampler, "guidance": res.guidance, "width": res.width,
+              "height": res.height,
               "references": len(references), "strength": None if init_image is None else (strength or 1.0),
               "backend": transformer.backend, "dtype": transformer.dtype}
     return Generation(images, res.latent, res.seed, params)

@@ -133,7 +133,7 @@ def test_widget_order_and_seed_control():
     info = node_info("FluxCoreSampler", nodes.NODE_CLASS_MAPPINGS["FluxCoreSampler"])
     assert widget_slots(info) == [("seed", "value"), ("seed", "control"), ("steps", "value"),
                                   ("guidance", "value"), ("width", "value"), ("height", "value"),
-                                  ("batch_size", "value"), ("denoise", "value")]
+                                  ("batch_size", "value"), ("denoise", "value"), ("sampler", "value")]
 
 
 def test_loader_lists_standard_files(demo):
@@ -382,3 +382,24 @@ def test_mlx_backend_through_the_nodes_matches_torch(demo):
     (it,), _ = run("FluxCoreVAEDecode", vae=v, samples=lt)
     (im,), _ = run("FluxCoreVAEDecode", vae=mv, samples=lt)
     assert im.shape == it.shape and rel_err(im, it) < 1e-4
+
+
+def test_sampler_widget_res_multistep_matches_library(demo):
+    """The `sampler` widget reaches pipeline.sample; it is the last widget, so workflows saved before it existed
+    (one value fewer) keep their positional values and get euler."""
+    import nodes
+    from flux_core import pipeline
+
+    info = node_info("FluxCoreSampler", nodes.NODE_CLASS_MAPPINGS["FluxCoreSampler"])
+    assert widget_slots(info)[-1] == ("sampler", "value")
+    te, m, v, _ = load_all(demo, "z_image_turbo_bf16.safetensors", "ae.safetensors")
+    (pos, _), _ = run("FluxCoreQwen3Encode", text_encoder=te, prompt="a cozy room", mode="auto", model=m)
+    (lat,), sb = run("FluxCoreSampler", model=m, positive=pos, sampler="res_multistep", **sampler_args(steps=4))
+    assert "4 steps res_multistep" in sb["badge"]
+    (eul,), eb = run("FluxCoreSampler", model=m, positive=pos, **sampler_args(steps=4))
+    assert "res_multistep" not in eb["badge"]
+    tr, tel, _ = lib_models(demo, "zimage", "flux1_vae")
+    cond = pipeline.encode_prompt(tel, ["a cozy room"], "zimage")
+    ref = pipeline.sample(tr, cond, width=64, height=48, steps=4, seed=7, sampler="res_multistep")
+    assert rel_err(lat["samples"], ref.latent / 0.3611 + 0.1159) < 1e-5
+    assert rel_err(lat["samples"], eul["samples"]) > 1e-4  # a different sampler gives a different latent
