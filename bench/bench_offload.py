@@ -10,6 +10,8 @@ process. Steps are timed with CUDA events around one transformer forward at 1024
   2. the pipeline with offload: Qwen3 encode (512 tokens) -> 4 transformer steps -> VAE decode, every component
      offloaded (text encoder and transformer `blocks`, VAE `model`), decode untiled and tiled (512 px)
   3. VAE decode alone at 1024², untiled vs tiled: working memory above the weights, time, difference
+  4. the pipeline resident, per weight mode (bf16, int8, int4: transformer and Qwen3 block Linears quantized after
+     loading), the text encoder released after encoding and the decode tiled (512 px): peak per stage
 JSON to --out/bench_offload.json; a short table last.
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ P.add_argument("--reps", type=int, default=10)
 P.add_argument("--keep", default="0,6,10,14", help="resident-block counts to try with blocks streaming")
 P.add_argument("--tile", type=int, default=512)
 P.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+P.add_argument("--parts", default="steps,vae,pipeline,quant_pipeline", help="which parts to run, comma-separated")
 A = P.parse_args()
 CUDA = torch.cuda.is_available() and not A.tiny
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -197,6 +200,54 @@ def bench_pipeline(res: dict) -> None:
     reset_peak()
 
 
+def bench_quant_pipeline(res: dict) -> None:
+    """Per weight mode, the stage peaks of a generation whose text encoder leaves the GPU before the transformer
+    arrives (what `offload model` does, and `release_text_encoder` with loads in stage order): encode (512 tokens)
+    -> release -> 4 steps -> tiled decode. Each model's peak is reset after it is built, so the transient full-
+    precision copy of quantize-at-load is not counted (a pre-quantized file, flux_core's or GGUF, has none)."""
+    import gc
+
+    from flux_core.torch.quant import module_bytes, quantize_model
+
+    qcfg = Qwen3Config(**QWEN) if A.tiny else Qwen3Config()
+    kcfg = KleinConfig(**KLEIN) if A.tiny else KleinConfig()
+    vcfg = VAEConfig(**VAE_COMMON, z_channels=kcfg.in_channels // 4) if A.tiny else VAEConfig()
+    img, img_ids, _, txt_ids = klein_inputs(kcfg)
+    h = w = SIZE // 16
+    rows = {}
+    for mode in ("none", "int8", "int4"):
+        stages = {}
+        with torch.inference_mode():
+            te = build(Qwen3Encoder, (qcfg, qcfg.num_layers - 1), 3)
+            quantize_model(te, mode)
+            ids = torch.randint(0, qcfg.vocab_size, (1, txt_ids.shape[-2]), device=DEV)
+            reset_peak()
+            txt = torch.cat(te(ids, torch.ones_like(ids), output_layers=(9, 18, 27)), -1).to(DT)
+            stages["encode"] = peak()
+            te_gb = module_bytes(te) / GB
+            del te
+            gc.collect()
+            net = build(Flux2Transformer, kcfg, 1)
+            quantize_model(net, mode)
+            vae = build(Flux2VAE, vcfg, 2)
+            reset_peak()
+            pe = net.make_pe(img_ids, txt_ids)
+            x = img
+            for s in range(4):
+                x = net(x, img_ids, txt, txt_ids, torch.tensor([1 - s / 4], device=DEV), pe=pe)
+            stages["denoise"] = peak()
+            lat = x.float().permute(0, 2, 1).reshape(1, -1, h, w)
+            reset_peak()
+            vae.decode(lat, tile=TILE)
+            stages["decode"] = peak()
+        rows[mode] = {"text_encoder_weights_gb": te_gb, "transformer_weights_gb": module_bytes(net) / GB,
+                      "stages": stages, "peak": max((v for v in stages.values()), key=lambda v: v["allocated"])}
+        print(f"quant pipeline {mode}: {rows[mode]}", flush=True)
+        del net, vae, txt, x, lat
+        reset_peak()
+    res["quant_pipeline"] = rows
+
+
 def bench_vae(res: dict) -> None:
     vcfg = VAEConfig(**VAE_COMMON) if A.tiny else VAEConfig()
     vae = build(Flux2VAE, vcfg, 2)
@@ -227,7 +278,14 @@ def summary(res: dict) -> dict:
     under = [r for r in rows if r["peak"]["allocated"] <= 4.0]
     best = min(under, key=lambda r: r["step_ms"]) if under else None
     pipe = res.get("pipeline_blocks_tiled", {})
-    return {"klein_memory_1024_gb": {"bf16_blocks_peak": pipe.get("peak", {}).get("allocated")},
+    q = res.get("quant_pipeline", {})
+    mem = {"bf16_blocks_peak": pipe.get("peak", {}).get("allocated")}
+    for mode, key in (("none", "bf16_peak"), ("int8", "int8_peak"), ("int4", "int4_peak")):
+        if mode in q:
+            mem[key] = q[mode]["peak"]["allocated"]
+    if "int4" in q:
+        mem["int4_weights"] = q["int4"]["transformer_weights_gb"]
+    return {"klein_memory_1024_gb": mem,
             "offload_step_ratio": best["ratio"] if best else None,
             "offload_resident_blocks": best["resident_blocks"] if best else None,
             "offload_step_ratio_all_streamed": rows[0]["ratio"] if rows else None}
@@ -246,7 +304,9 @@ def main():
         res["h2d_pinned_gb_s"] = 1.0 / (statistics.median(t) / 1e3)
         del x, y
         print("H2D pinned GB/s:", res["h2d_pinned_gb_s"], flush=True)
-    for part in (bench_steps, bench_vae, bench_pipeline):
+    chosen = set(A.parts.split(","))
+    parts = {"steps": bench_steps, "vae": bench_vae, "pipeline": bench_pipeline, "quant_pipeline": bench_quant_pipeline}
+    for part in [fn for name, fn in parts.items() if name in chosen]:
         try:
             part(res)
         except Exception as e:  # keep the other parts' numbers
