@@ -112,7 +112,7 @@ def test_quantized_transformer_close_and_smaller(paths, reference, be, mode, fam
 
 
 def test_torch_layer_bytes_and_layout(paths):
-    """int8 / fp8 weights take 1/4 of float32 (+ one float32 scale per row), int4 1/8 (+ one per 64); the block
+    """int8 / fp8 weights take 1/4 of float32 (+ one float32 scale per row), int4 1/8 (+ one float16 per 64); the block
     Linears are replaced, the modulation / input / output Linears are not."""
     full = models.load_transformer(paths["klein"], backend="torch", dtype="float32").module
     lin = full.double_blocks[0].img_attn.qkv
@@ -121,7 +121,7 @@ def test_torch_layer_bytes_and_layout(paths):
         ql = q.double_blocks[0].img_attn.qkv
         assert isinstance(ql, TQ.QuantLinear) and ql.weight.dtype == {"int8": torch.int8, "fp8": torch.float8_e4m3fn,
                                                                     "int4": torch.uint8}[mode]
-        scale_bytes = ql.weight_scale.numel() * 4
+        scale_bytes = ql.weight_scale.numel() * ql.weight_scale.element_size()
         assert TQ.module_bytes(ql) == pytest.approx(TQ.module_bytes(lin) * ratio + scale_bytes)
         assert type(q.double_stream_modulation_img.lin) is torch.nn.Linear and type(q.img_in) is torch.nn.Linear
         assert type(q.final_layer.linear) is torch.nn.Linear
