@@ -62,7 +62,8 @@ def load_qstate(kind: str, qstate: dict, config: dict | None, dtype="float32", m
     what = what or kind
     own = dict(tree_flatten(model.parameters()))
     check_strict({k: tuple(v.shape) for k, v in own.items()}, {k: tuple(v.shape) for k, v in sd.items()}, what)
-    layers = quantized_layers(sd)
+    # quantized Linears stay quantized; any other quantized tensor (an Embedding, a pad token) is dequantized
+    layers = {n: qw for n, qw in quantized_layers(sd).items() if isinstance(_module(model, n), nn.Linear)}
     for name, qw in layers.items():
         bias = sd.get(name + ".bias")
         layer = make_layer(qw, None if bias is None else to_mx(bias.read(), dtype), dtype, f"{what}: {name}")
@@ -73,11 +74,36 @@ def load_qstate(kind: str, qstate: dict, config: dict | None, dtype="float32", m
         if layer_of(k) in layers or (k.endswith(".bias") and k[: -len(".bias")] in layers):
             continue
         v = sd[k]
-        rest.append((k, to_mx(v.read() if isinstance(v, Lazy) else v, dtype)))
+        t = dequantize_qweight(v) if isinstance(v, QWeight) else v.read() if isinstance(v, Lazy) else v
+        rest.append((k, to_mx(t, dtype)))
         mx.eval(rest[-1][1])
     model.update(tree_unflatten(rest))
     mx.eval(model.parameters())
     return model
+
+
+def dequantize_qweight(qw: QWeight) -> mx.array:
+    """A stored quantized tensor that is not a Linear weight -> float32 weights."""
+    if qw.scheme == "gguf":
+        from ..weights import gguf as G
+
+        return mx.array(G.dequantize_numpy(_numpy_bytes(qw.read("data")), qw.mode, qw.shape))
+    if qw.scheme == "mlx":
+        words = mx.array(_numpy_bytes(qw.read("weight")).view(np.uint32))
+        return mx.dequantize(words, to_mx(qw.read("scales")), to_mx(qw.read("biases")), group_size=qw.group_size,
+                             bits=qw.bits)
+    return Q.dequantize_weight(qw.mode, mx.array(_numpy_bytes(qw.read("weight"))), to_mx(qw.read("weight_scale")),
+                               qw.shape[1])
+
+
+def _module(model, name: str):
+    m = model
+    try:
+        for p in name.split("."):
+            m = m[int(p)] if isinstance(m, list) else getattr(m, p)
+    except (AttributeError, ValueError, IndexError):
+        return None
+    return m
 
 
 def make_layer(qw: QWeight, bias, dtype, what: str) -> nn.Module:

@@ -64,20 +64,17 @@ def load_qstate(kind: str, qstate: dict, config: dict | None, dtype=torch.float3
     what = what or kind
     check_strict({k: tuple(v.shape) for k, v in model.state_dict().items()},
                  {k: tuple(v.shape) for k, v in sd.items()}, what)
-    layers = quantized_layers(sd)
+    # quantized Linears stay quantized; any other quantized tensor (an Embedding, a pad token) is dequantized
+    layers = {n: qw for n, qw in quantized_layers(sd).items() if type(_module(model, n)) is nn.Linear}
     for name, qw in layers.items():
         lin = model.get_submodule(name)
-        if type(lin) is not nn.Linear:
-            raise WeightError(f"{what}: {name} is stored quantized but is not a Linear layer in the model")
         _set(model, name, make_layer(qw, lin.bias is not None, dtype, device, what + ": " + name))
-    done = {f"{n}.{p}" for n, layer in layers.items() for p, _ in _stored_parts(model.get_submodule(n))}
+    done = {f"{n}.{p}" for n in layers for p, _ in _stored_parts(model.get_submodule(n))}
     for key in model.state_dict():
         if key in done:
             continue
         v = sd[key]
-        if isinstance(v, QWeight):  # only MLX weights reach here: dequantized to a plain Linear
-            raise AssertionError(key)
-        t = v.read() if isinstance(v, Lazy) else v
+        t = dequantize_qweight(v) if isinstance(v, QWeight) else v.read() if isinstance(v, Lazy) else v
         _assign(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
     return model.eval().requires_grad_(False)
 
@@ -94,15 +91,31 @@ def make_layer(qw: QWeight, has_bias: bool, dtype, device, what: str) -> nn.Modu
 
         return GGUFLinear(qw.mode, in_f, out_f, qw.read("data").to(device), bias)
     if qw.scheme == "mlx":
-        from .gguf import dequantize_affine
-
-        w = dequantize_affine(qw.read("weight"), qw.read("scales"), qw.read("biases"), qw.bits, qw.group_size)
+        w = Q.dequantize_affine(qw.read("weight"), qw.read("scales"), qw.read("biases"), qw.bits, qw.group_size)
         if tuple(w.shape) != (out_f, in_f):
             raise WeightError(f"{what}: MLX weight dequantizes to {tuple(w.shape)}, expected {(out_f, in_f)}")
         lin = nn.Linear(in_f, out_f, bias=has_bias, device="meta")
         lin.weight = nn.Parameter(w.to(device=device, dtype=dtype), requires_grad=False)
         return lin
     raise WeightError(f"{what}: unknown quantized weight scheme {qw.scheme!r}")
+
+
+def dequantize_qweight(qw: QWeight) -> torch.Tensor:
+    """A stored quantized tensor -> float weights (for tensors that are not Linear weights)."""
+    if qw.scheme == "gguf":
+        from .gguf import dequantize
+
+        return dequantize(qw.read("data"), qw.mode, qw.shape)
+    if qw.scheme == "mlx":
+        return Q.dequantize_affine(qw.read("weight"), qw.read("scales"), qw.read("biases"), qw.bits, qw.group_size)
+    return Q.DEQUANTIZERS[qw.mode](qw.read("weight"), qw.read("weight_scale"), qw.shape[1])
+
+
+def _module(model: nn.Module, name: str):
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _stored_parts(layer: nn.Module):

@@ -166,3 +166,28 @@ def _fp8_scaled_mm(x, w8, w_scale, bias):
     out = torch._scaled_mm(x8, w8.t(), scale_a=x_scale.float(), scale_b=w_scale.reshape(1, -1), bias=b,
                            out_dtype=torch.bfloat16)
     return out.reshape(*shape[:-1], w8.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------ MLX affine
+
+def dequantize_affine(words: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int,
+                      group_size: int) -> torch.Tensor:
+    """MLX's affine layout (mx.quantize / nn.QuantizedLinear) -> weights, as mx.dequantize computes them.
+
+    `words` is uint32 [O, I * bits / 32]: a little-endian bit stream per row, value i in bits [i*bits, (i+1)*bits)
+    (for 2/4/8 bits that is "low bits first in each word"; 3/5/6-bit values straddle bytes). Each group of
+    `group_size` values has w = scale * q + bias, computed IN the scales' dtype (two roundings in bf16 / fp16,
+    as MLX does; float32 first and one cast differs by an ulp of bf16 in places)."""
+    rows = words.shape[0]
+    b = words.contiguous().view(torch.uint8).reshape(rows, -1)
+    if bits == 8:
+        q = b
+    else:
+        # `bits` bytes hold exactly 8 values: gather them into one little-endian integer, then shift out
+        chunk = b.reshape(rows, -1, bits).to(torch.int64)
+        acc = sum(chunk[..., i] << (8 * i) for i in range(bits))
+        shifts = torch.arange(8, device=b.device, dtype=torch.int64) * bits
+        q = ((acc.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)
+    q = q.to(scales.dtype).reshape(rows, -1, group_size)   # codes < 256: exact in every float dtype
+    w = q * scales.unsqueeze(-1) + biases.to(scales.dtype).unsqueeze(-1)
+    return w.reshape(rows, -1)

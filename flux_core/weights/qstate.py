@@ -19,6 +19,7 @@ not through mmap, whose touched pages would count as resident memory on top of t
 from __future__ import annotations
 
 import json
+import re
 import os
 import struct
 from dataclasses import dataclass, field
@@ -66,8 +67,8 @@ def layer_of(key: str) -> str:
 
 
 def quantized_layers(qstate: Mapping) -> dict:
-    """{layer name: QWeight} of a QState."""
-    return {layer_of(k): v for k, v in qstate.items() if isinstance(v, QWeight)}
+    """{layer name: QWeight} of a QState's quantized `*.weight` entries."""
+    return {layer_of(k): v for k, v in qstate.items() if isinstance(v, QWeight) and k.endswith(".weight")}
 
 
 class SafetensorsStream:
@@ -118,3 +119,77 @@ class SafetensorsStream:
 
 
 QState = dict  # {our key: Lazy | QWeight}
+
+
+# ------------------------------------------------------------------------------------------------ key maps on QStates
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _pattern(p: str) -> re.Pattern:
+    out, last = [], 0
+    for m in _PLACEHOLDER.finditer(p):
+        out += [re.escape(p[last:m.start()]), f"(?P<{m.group(1)}>\\d+)"]
+        last = m.end()
+    return re.compile("^" + "".join(out) + re.escape(p[last:]) + "$")
+
+
+def apply_keymap(keymap, qstate: Mapping) -> dict:
+    """A foreign-layout QState -> our layout, with the rules of a `weights.keymap.KeyMap` (data: native pattern,
+    source patterns, op). Row ops work on quantized weights too: `cat` stacks the sources' rows (q, k, v) and
+    `swap_halves` swaps the two row halves, of every stored part (codes, scales, biases are per output row),
+    which is exact. Unmatched keys pass through; ignored keys are dropped."""
+    rules = [(_pattern(r.sources[0]), r) for r in keymap.rules]
+    out, used, produced = {}, set(), set()
+    for key in qstate:
+        if key in used or keymap.ignored(key):
+            continue
+        for pat, rule in rules:
+            m = pat.match(key)
+            if not m:
+                continue
+            names = [s.format(**m.groupdict()) for s in rule.sources]
+            missing = [n for n in names if n not in qstate]
+            if missing:
+                raise WeightError(f"checkpoint has {key} but not its partner key(s) {missing}")
+            native = rule.native.format(**m.groupdict())
+            out[native] = _row_op(rule.op, [qstate[n] for n in names], key)
+            used.update(names)
+            produced.add(native)
+            break
+        else:
+            out[key] = qstate[key]
+    # a later cat source (to_k) may have passed through before its first source (to_q) consumed it
+    return {k: v for k, v in out.items() if k not in used or k in produced}
+
+
+def _row_op(op: str, items: list, key: str):
+    if op == "copy":
+        return items[0]
+    if op not in ("cat", "swap_halves"):
+        raise WeightError(f"{key}: key-map op {op} is not supported for pre-quantized checkpoints")
+    first = items[0]
+    if isinstance(first, QWeight):
+        if any(not isinstance(i, QWeight) or (i.scheme, i.mode, i.bits, i.group_size, i.shape[1]) !=
+               (first.scheme, first.mode, first.bits, first.group_size, first.shape[1]) for i in items):
+            raise WeightError(f"{key}: the parts to concatenate are quantized differently")
+        rows = sum(i.shape[0] for i in items)
+        parts = {name: _lazy_rows(op, [i.parts[name] for i in items]) for name in first.parts}
+        return QWeight(first.scheme, first.mode, (rows,) + tuple(first.shape[1:]), parts, first.bits,
+                       first.group_size)
+    return _lazy_rows(op, items)
+
+
+def _lazy_rows(op: str, items: list) -> Lazy:
+    rows = sum(i.shape[0] for i in items)
+
+    def read():
+        import torch
+
+        ts = [i.read() if isinstance(i, Lazy) else i for i in items]
+        if op == "cat":
+            return torch.cat(ts, 0)
+        h = ts[0].shape[0] // 2
+        return torch.cat([ts[0][h:], ts[0][:h]], 0)
+
+    return Lazy((rows,) + tuple(items[0].shape[1:]), read, items[0].dtype if isinstance(items[0], Lazy) else "")

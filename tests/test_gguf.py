@@ -1,0 +1,192 @@
+"""GGUF files as ComfyUI-GGUF users have them (flux_core/weights/gguf.py, torch/gguf.py, mlx/qload.py).
+
+Files are written with the `gguf` package's own writer and quantizer in ComfyUI-GGUF's layout (arch "flux" /
+"lumina2" with the original tensor names, llama.cpp names for the Qwen3 encoder, small and 1-D tensors in F32);
+K-quants, which gguf-py can only dequantize, get valid random blocks. The reference is the same weights decoded by
+`gguf.quants.dequantize`, saved as ordinary safetensors and loaded by the ordinary loaders: the GGUF file must give
+the same image (<= 1/255), and our torch dequantizers must equal gguf's bit for bit in float32.
+"""
+import numpy as np
+import pytest
+import torch
+
+import prequant_fixtures as PF
+from flux_core import demo, models, pipeline, prequant
+from flux_core.errors import WeightError
+from flux_core.models import LoadedModel
+from flux_core.text import QwenTokenizer, TextEncoder, layers_needed
+from flux_core.torch import gguf as TG
+from flux_core.variants import make_variant
+from flux_core.weights.io import save_safetensors
+
+try:
+    import mlx.core as mx
+    import mlx.nn as mnn
+    HAS_MLX = True
+except ImportError:
+    HAS_MLX = False
+
+ALL_TYPES = tuple(t for t in TG.TYPES)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    paths = demo.write_demo_checkpoints(root / "demo")
+    states = {k: PF.random_state(k, seed=i) for i, k in enumerate(("klein", "zimage", "qwen3"))}
+    refs = {"klein": root / "klein.safetensors", "zimage": root / "zimage.safetensors",
+            "qwen3": root / "qwen3.safetensors"}
+    save_safetensors(states["klein"], refs["klein"], {"fluxcore.distilled": "true"})
+    save_safetensors(states["zimage"], refs["zimage"])
+    save_safetensors({"model." + k: v for k, v in states["qwen3"].items()}, refs["qwen3"])
+    return {"root": root, "paths": paths, "states": states, "plain": refs, "files": {}}
+
+
+def gguf_pair(world, kind: str, qtype: str):
+    """(the .gguf file, the safetensors file of gguf's dequantization of it), written once per (kind, type)."""
+    key = (kind, qtype)
+    if key not in world["files"]:
+        root, sd = world["root"], world["states"][kind]
+        path, ref_path = root / f"{kind}-{qtype}.gguf", root / f"{kind}-{qtype}-ref.safetensors"
+        if kind == "qwen3":
+            ref = PF.write_gguf(sd, path, "qwen3", qtype, kv=PF.qwen3_kv(), rename=PF.hf_to_llama)
+            save_safetensors({"model." + k: v for k, v in ref.items()}, ref_path)
+        else:
+            ref = PF.write_gguf(sd, path, {"klein": "flux", "zimage": "lumina2"}[kind], qtype)
+            save_safetensors(ref, ref_path, {"fluxcore.distilled": "true"} if kind == "klein" else None)
+        world["files"][key] = (path, ref_path)
+    return world["files"][key]
+
+
+def load_t(path, backend="torch"):
+    """A transformer LoadedModel from a plain or pre-quantized file."""
+    if prequant.detect(path) is None:
+        return models.load_transformer(path, backend=backend, dtype="float32")
+    qstate, meta, config, src = prequant.read(path)
+    fam = prequant.transformer_family(qstate)
+    module = prequant.load_module(backend, fam, qstate, config, "float32")
+    return LoadedModel("transformer", module, src, backend, "cpu", "float32", "gguf", make_variant(fam, True))
+
+
+def load_te(path, tok, backend="torch"):
+    if prequant.detect(path) is None:
+        return models.load_text_encoder(path, str(tok), backend=backend, dtype="float32")
+    qstate, meta, config, src = prequant.read(path)
+    n = config["num_hidden_layers"]
+    module = prequant.load_module(backend, "qwen3", qstate, config, "float32", max_layers=layers_needed("both", n))
+    te = TextEncoder(module, QwenTokenizer(tok), source_id=f"{src}|{backend}")
+    return LoadedModel("text_encoder", te, src, backend, "cpu", "float32", "gguf")
+
+
+def image(world, t, te, fam, backend="torch"):
+    vae = models.load_vae(world["paths"]["flux2_vae" if fam == "klein" else "flux1_vae"], backend=backend,
+                          dtype="float32")
+    g = pipeline.generate(t, te, vae, "a red cat on a mat", width=64, height=64, steps=2, seed=7,
+                          release_text_encoder=False)
+    return np.asarray(g.images, dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ dequantization
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_torch_dequant_equals_gguf_bit_for_bit(qtype):
+    import gguf
+
+    rng = np.random.default_rng(1)
+    a = (rng.standard_normal((6, 512)) * 0.05).astype(np.float32)
+    T = gguf.GGMLQuantizationType[qtype]
+    raw = PF.random_k_blocks(a.shape, qtype, rng) if qtype in PF.K_SCALE else gguf.quants.quantize(a, T)
+    want = np.asarray(gguf.quants.dequantize(raw, T), dtype=np.float32)
+    got = TG.dequantize(torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).copy()), qtype, want.shape)
+    np.testing.assert_array_equal(got.numpy().view(np.uint32), want.view(np.uint32))
+
+
+def test_unsupported_type_is_named():
+    with pytest.raises(WeightError, match="IQ2_XXS is not supported"):
+        TG.dequantize(torch.zeros(66, dtype=torch.uint8), "IQ2_XXS", (256,))
+
+
+# ------------------------------------------------------------------------------------------------ whole images
+
+# every (model, type) pair; three in the fast tier (a Qwen3 pass over 512 tokens x 28 layers costs seconds)
+FAST = {("klein", "Q4_0"), ("zimage", "Q5_K"), ("qwen3", "Q6_K")}
+CASES = [pytest.param(k, t, marks=() if (k, t) in FAST else pytest.mark.slow)
+         for k in ("klein", "zimage", "qwen3") for t in PF.GGUF_TYPES]
+
+
+@pytest.mark.parametrize("kind,qtype", CASES)
+def test_gguf_image_equals_gguf_dequantized_weights(world, kind, qtype):
+    path, ref_path = gguf_pair(world, kind, qtype)
+    tok = world["paths"]["tokenizer"]
+    if kind == "qwen3":
+        t = load_t(world["plain"]["klein"])
+        got = image(world, t, load_te(path, tok), "klein")
+        want = image(world, t, load_te(ref_path, tok), "klein")
+        mod = load_te(path, tok).module.model
+    else:
+        te = load_te(world["plain"]["qwen3"], tok)
+        got_t = load_t(path)
+        got = image(world, got_t, te, kind)
+        want = image(world, load_t(ref_path), te, kind)
+        mod = got_t.module
+    diff = float(np.abs(got - want).max())
+    print(f"{kind} {qtype}: max image difference {diff * 255:.4f} / 255")
+    assert diff <= 1 / 255 and got.std() > 0.01
+    kept = [m for m in mod.modules() if isinstance(m, TG.GGUFLinear)]
+    if qtype in ("F16", "BF16", "F32"):
+        assert not kept
+    else:  # quantized Linears stay in their blocks on the device
+        assert kept and all(m.weight.dtype == torch.uint8 and m.qtype == qtype for m in kept)
+
+
+def test_gguf_detection_and_names(world):
+    path, _ = gguf_pair(world, "qwen3", "Q8_0")
+    qstate, meta, config, _ = prequant.read(path)
+    assert meta["gguf.architecture"] == "qwen3" and "Q8_0" in meta["gguf.types"]
+    assert "layers.3.self_attn.o_proj.weight" in qstate and "embed_tokens.weight" in qstate
+    assert config["num_hidden_layers"] == 28 and config["rope_theta"] == 1e6
+    kpath, _ = gguf_pair(world, "klein", "Q4_0")
+    assert prequant.detect(kpath) == "gguf" and prequant.transformer_family(prequant.read(kpath)[0]) == "klein"
+    zpath, _ = gguf_pair(world, "zimage", "Q4_0")
+    assert prequant.transformer_family(prequant.read(zpath)[0]) == "zimage"
+
+
+def test_foreign_architecture_is_refused(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "sdxl.gguf"), arch="sdxl")
+    w.add_tensor("input_blocks.0.0.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(WeightError, match="architecture 'sdxl'"):
+        prequant.read(tmp_path / "sdxl.gguf")
+
+
+# ------------------------------------------------------------------------------------------------ MLX
+
+@pytest.mark.skipif(not HAS_MLX, reason="mlx is not installed")
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K", "BF16"])
+@pytest.mark.parametrize("kind", ["klein", "zimage", "qwen3"])
+def test_gguf_on_mlx(world, kind, qtype):
+    mx.disable_compile()
+    try:
+        path, ref_path = gguf_pair(world, kind, qtype)
+        tok = world["paths"]["tokenizer"]
+        if kind == "qwen3":
+            t = load_t(world["plain"]["klein"], "mlx")
+            te = load_te(path, tok, "mlx")
+            got, want = image(world, t, te, "klein", "mlx"), image(world, t, load_te(ref_path, tok, "mlx"), "klein", "mlx")
+            mod = te.module.model
+        else:
+            te = load_te(world["plain"]["qwen3"], tok, "mlx")
+            t = load_t(path, "mlx")
+            got, want = image(world, t, te, kind, "mlx"), image(world, load_t(ref_path, "mlx"), te, kind, "mlx")
+            mod = t.module
+    finally:
+        mx.enable_compile()
+    assert float(np.abs(got - want).max()) <= 1 / 255
+    native = [m for _, m in mod.named_modules() if isinstance(m, mnn.QuantizedLinear)]
+    if qtype in ("Q8_0", "Q4_0"):  # mapped exactly onto MLX's affine layout, group 32
+        assert native and all(m.group_size == 32 and m.bits == (8 if qtype == "Q8_0" else 4) for m in native)
+    else:
+        assert not native
