@@ -75,7 +75,7 @@ def quantize_model(model: nn.Module, mode: str) -> int:
         nn.quantize(model, class_predicate=predicate, **MXFP8)
         mx.eval(model.parameters())
         return len(picked)
-    dtype = _float_dtype(model)
+    dtype = float_dtype(model)
     count = 0
     for path, lin in [(p, m) for p, m in model.named_modules() if selected(p, m)]:
         if not can_quantize(lin.weight.shape[1], mode):
@@ -179,7 +179,8 @@ def set_module(model: nn.Module, path: str, layer: nn.Module) -> None:
         setattr(parent, leaf, layer)
 
 
-def _float_dtype(model: nn.Module):
+def float_dtype(model: nn.Module):
+    """The compute dtype of a model: of its first floating-point parameter (quantized codes are integers)."""
     from mlx.utils import tree_flatten
 
     for _, v in tree_flatten(model.parameters()):
