@@ -72,7 +72,7 @@ def load_te(path, tok, backend="torch"):
     if prequant.detect(path) is None:
         return models.load_text_encoder(path, str(tok), backend=backend, dtype="float32")
     qstate, meta, config, src = prequant.read(path)
-    n = config["num_hidden_layers"]
+    n = len({k.split(".")[1] for k in qstate if k.startswith("layers.")})
     module = prequant.load_module(backend, "qwen3", qstate, config, "float32", max_layers=layers_needed("both", n))
     te = TextEncoder(module, QwenTokenizer(tok), source_id=f"{src}|{backend}")
     return LoadedModel("text_encoder", te, src, backend, "cpu", "float32", "gguf")
