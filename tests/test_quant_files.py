@@ -78,7 +78,9 @@ def test_metadata_states_the_format(files):
     assert (meta["fluxcore.component"], meta["fluxcore.family"]) == ("transformer", "klein")
     assert meta["fluxcore.distilled"] == "true" and meta["fluxcore.source_dtype"] == "float32"
     layers = json.loads(meta["fluxcore.quantized"])
-    assert "double_blocks.0.img_attn.qkv" in layers and not any("modulation" in n for n in layers)
+    assert "double_blocks.0.img_attn.qkv" in layers and "single_stream_modulation.lin" in layers  # int4: modulation too
+    int8 = json.loads(qfile.SafetensorsStream(files["klein", "int8"]).metadata["fluxcore.quantized"])
+    assert not any("modulation" in n for n in int8) and not any(n.startswith("final_layer") for n in layers)
     assert qfile.is_quantized_file(files["klein", "int4"]) and not qfile.is_quantized_file(__file__)
     stream = qfile.SafetensorsStream(files["klein", "int4"])
     assert stream.dtype("double_blocks.0.img_attn.qkv.weight_scale") == "F16"  # int4 scales are fp16

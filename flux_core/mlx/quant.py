@@ -1,8 +1,8 @@
 """Weight-only quantization of an MLX model's block Linears: int8 | int4 (ours, in MLX's layout) | fp8 (mxfp8).
 
 Same selection as the torch side (flux_core/torch/quant.py): the Linears inside the repeated blocks (klein
-`double_blocks` / `single_blocks`, Z-Image `layers` / `noise_refiner` / `context_refiner`, Qwen3 `layers`), never a
-modulation Linear, never embeddings, norms or the small input / output projections.
+`double_blocks` / `single_blocks`, Z-Image `layers` / `noise_refiner` / `context_refiner`, Qwen3 `layers`), plus the
+modulation Linears for int4 only, never embeddings, norms or the small input / output projections.
 
   int8 / int4  OUR symmetric codes and scales (the torch quantizer's math, op for op in mx: the same bytes on both
                backends, and the same bytes as a saved FluxCore quantized file), laid out as MLX's own affine
@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import ConfigError
 
 BLOCK_CONTAINERS = ("double_blocks", "single_blocks", "layers", "noise_refiner", "context_refiner")
+MODULATION_CONTAINERS = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
 SKIP_NAMES = ("modulation",)
 GROUP = 64
 FP8_MAX = 448.0
@@ -51,9 +52,14 @@ def can_quantize(in_features: int, mode: str) -> bool:
     return mode != "int4" or in_features % GROUP == 0
 
 
-def selected(path: str, module) -> bool:
-    return (isinstance(module, nn.Linear) and path.split(".")[0] in BLOCK_CONTAINERS
-            and not any(n in path for n in SKIP_NAMES))
+def selected(path: str, module, mode: str) -> bool:
+    """The torch side's rule (torch/quant.py containers_for / skipped), on MLX module paths."""
+    if not isinstance(module, nn.Linear):
+        return False
+    top = path.split(".")[0]
+    if mode == "int4":
+        return top in BLOCK_CONTAINERS + MODULATION_CONTAINERS
+    return top in BLOCK_CONTAINERS and not any(n in path for n in SKIP_NAMES)
 
 
 def quantize_model(model: nn.Module, mode: str) -> int:
@@ -67,7 +73,7 @@ def quantize_model(model: nn.Module, mode: str) -> int:
         picked = []
 
         def predicate(path: str, module) -> bool:
-            ok = selected(path, module) and module.weight.shape[1] % MXFP8["group_size"] == 0
+            ok = selected(path, module, mode) and module.weight.shape[1] % MXFP8["group_size"] == 0
             if ok:
                 picked.append(path)
             return ok
@@ -77,7 +83,7 @@ def quantize_model(model: nn.Module, mode: str) -> int:
         return len(picked)
     dtype = float_dtype(model)
     count = 0
-    for path, lin in [(p, m) for p, m in model.named_modules() if selected(p, m)]:
+    for path, lin in [(p, m) for p, m in model.named_modules() if selected(p, m, mode)]:
         if not can_quantize(lin.weight.shape[1], mode):
             continue
         q, scale = quantize_weight(lin.weight, mode)

@@ -2,10 +2,12 @@
 
 What is quantized: every `nn.Linear` inside the repeated blocks (klein `double_blocks` / `single_blocks`, Z-Image
 `layers` / `noise_refiner` / `context_refiner`, Qwen3 `layers`) -- that is >97% of the weights of the real models.
-What is NOT: embeddings, norms, the small input / output projections (img_in, txt_in, x_embedder, cap_embedder,
-final_layer), the timestep / guidance MLPs and every modulation Linear (klein's shared `*_modulation`, Z-Image's
-per-block `adaLN_modulation`). Those are few bytes, and an error in a shift/scale/gate reaches every token of every
-block, so keeping them at the compute dtype is what keeps the quality (mflux quantizes them too; we measured no need).
+int4 also quantizes the modulation Linears (klein's shared `double_stream_modulation_*` / `single_stream_modulation`,
+Z-Image's per-block `adaLN_modulation`): without them klein-4B int4 is 2.35 GB, with them 2.14 GB, and on tiny
+models with outlier channels they add 4-18% to int4's one-step error (docs/QUANTIZATION.md). int8 / fp8 keep the
+modulation at the compute dtype (they would save only 0.14 GB of 4.07). Never quantized: embeddings, norms, the
+small input / output projections (img_in, txt_in, x_embedder, cap_embedder, final_layer incl. its adaLN) and the
+timestep / guidance MLPs.
 
 Formats (weights only; activations stay in the compute dtype, each layer dequantizes its weight inside forward):
   int8  symmetric, one float32 scale per output channel: w ~ q * scale, q in [-127, 127]            (8 bits + O*4 B)
@@ -35,7 +37,16 @@ MODES = ("int8", "int4", "fp8")
 GROUP = 64                   # int4 group size along in_features
 FP8_MAX = 448.0              # largest finite float8_e4m3fn
 BLOCK_CONTAINERS = ("double_blocks", "single_blocks", "layers", "noise_refiner", "context_refiner")
-SKIP_NAMES = ("modulation",)  # matches adaLN_modulation and *_modulation: kept at the compute dtype (see header)
+MODULATION_CONTAINERS = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
+SKIP_NAMES = ("modulation",)  # adaLN_modulation / *_modulation: kept at the compute dtype except for int4 (header)
+
+
+def containers_for(mode: str) -> tuple[str, ...]:
+    return BLOCK_CONTAINERS + (MODULATION_CONTAINERS if mode == "int4" else ())
+
+
+def skipped(name: str, mode: str) -> bool:
+    return mode != "int4" and any(s in name for s in SKIP_NAMES)
 
 
 class QuantLinear(nn.Module):
@@ -70,19 +81,19 @@ class QuantLinear(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ model surgery
 
-def quantize_model(model: nn.Module, mode: str, containers=BLOCK_CONTAINERS) -> int:
+def quantize_model(model: nn.Module, mode: str, containers=None) -> int:
     """Replace, in place, the block Linears of `model` by QuantLinear(mode). Returns how many were replaced."""
     if mode == "none":
         return 0
     if mode not in MODES:
         raise ConfigError(f"unknown quantization {mode!r}: choose one of none, {', '.join(MODES)}")
     count = 0
-    for cname in containers:
+    for cname in containers or containers_for(mode):
         container = getattr(model, cname, None)
         if container is None:
             continue
         for name, lin in [(n, m) for n, m in container.named_modules() if type(m) is nn.Linear]:
-            if any(s in name for s in SKIP_NAMES) or not can_quantize(lin.in_features, mode):
+            if skipped(name, mode) or not can_quantize(lin.in_features, mode):
                 continue
             parent_name, _, leaf = name.rpartition(".")
             parent = container.get_submodule(parent_name) if parent_name else container
