@@ -168,7 +168,7 @@ def test_already_quantized_source_is_refused(files, tmp_path):
 
 _MEASURE = textwrap.dedent("""
     import json, os, sys, torch
-    from flux_core.torch import qload
+    from flux_core.torch import klein, qload, qwen3, zimage  # every import before the baseline
     def rss(field):
         for line in open("/proc/self/status"):
             if line.startswith(field):
