@@ -100,6 +100,8 @@ def run_generate(args) -> list[Path]:
     log.info("generation took %.2f s", time.perf_counter() - t1)
     gen.params.update({"model_file": Path(model_path).name, "text_encoder_file": Path(te_path).name,
                        "vae_file": Path(vae_path).name})
+    from .outputs import save_latent, save_pngs
+
     written = save_pngs(gen.images, args.output, gen.params)
     if args.output_latent:
         save_latent(gen.latent, args.output_latent, gen.params)
@@ -117,41 +119,6 @@ def _open_image(path):
         raise FluxCoreError(f"image not found: {path}") from None
 
 
-def save_pngs(images, output: str, params: dict) -> list[Path]:
-    import numpy as np
-    from PIL import Image, PngImagePlugin
-
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, img in enumerate(images):
-        info = PngImagePlugin.PngInfo()
-        info.add_text("fluxcore", json.dumps({**params, "batch_index": i}))
-        info.add_text("parameters", _a1111_style(params))
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}_{i + 1}{out.suffix}")
-        Image.fromarray((np.clip(img, 0, 1) * 255.0).round().astype("uint8")).save(path, pnginfo=info)
-        written.append(path)
-    return written
-
-
-def _a1111_style(p: dict) -> str:
-    text = p.get("prompt", "")
-    if p.get("negative_prompt"):
-        text += f"\nNegative prompt: {p['negative_prompt']}"
-    return text + (f"\nSteps: {p['steps']}, CFG scale: {p['guidance']}, Seed: {p['seed']}, "
-                   f"Size: {p['width']}x{p['height']}, Model: {p.get('model')}")
-
-
-def save_latent(latent, path: str, params: dict) -> None:
-    import torch
-
-    from .weights.io import save_safetensors
-
-    t = latent if isinstance(latent, torch.Tensor) else torch.as_tensor(__import__("numpy").asarray(latent))
-    save_safetensors({"latent": t.detach().float().cpu()}, path,
-                     metadata={"fluxcore": json.dumps(params), "layout": "native"})
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flux_core", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -160,14 +127,21 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="build tiny random-weight checkpoints in the real file layouts and run the "
                                        "whole pipeline on them (no download)")
     from .demo import add_demo_args
+    from .quantize import add_args as add_quantize_args
 
     add_demo_args(demo)
+    add_quantize_args(sub.add_parser("quantize", help="save a transformer / Qwen3 text encoder in FluxCore's "
+                                                      "quantized format (int8 | int4 | fp8)"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(message)s")
     try:
         if args.cmd == "generate":
             run_generate(args)
+        elif args.cmd == "quantize":
+            from .quantize import run as run_quantize
+
+            print(json.dumps(run_quantize(args)))
         else:
             from .demo import run_demo
 

@@ -3,15 +3,16 @@
 Order for `auto`: MLX on Apple Silicon when `mlx` imports (the reason this pack exists: PyTorch-MPS is slow there);
 torch CUDA when a GPU is present; torch MPS on a Mac without MLX; torch CPU otherwise. MLX on Linux (mlx[cpu] or
 mlx[cuda]) is used only when asked for explicitly. An explicit request that cannot be met is an error that names
-what is missing. Everything backend-specific that the rest of flux_core needs (loading a module, freeing memory)
-is dispatched from here, so nothing else imports torch.cuda or mlx directly.
+what is missing. Device probing lives here; everything else backend-specific (loading, quantizing, compiling,
+freeing memory, the sampler's arithmetic) is reached through one table, `IMPLEMENTATIONS`, whose entries
+(`flux_core/torch/`, `flux_core/mlx/`) have the same functions and never import each other.
 """
 from __future__ import annotations
 
 import gc
+import importlib
 import importlib.util
 import logging
-import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -112,13 +113,23 @@ def resolve_dtype(dtype: str | None, choice: Choice) -> str:
     return "bfloat16"
 
 
+# ---------------------------------------------------------------------------------------------- the backend table
+# Everything backend-specific the rest of flux_core needs goes through one of these modules, which have the same
+# functions (load_transformer / load_qwen3 / load_vae / quantize_model / compile_blocks / device_memory_gb /
+# empty_cache); the sampler's per-backend arithmetic is the matching `runtime` module.
+IMPLEMENTATIONS = {"torch": "flux_core.torch", "mlx": "flux_core.mlx"}
+
+
+def impl(backend: str, part: str = "loaders"):
+    """The backend's `loaders` (or `runtime`) module."""
+    if backend not in IMPLEMENTATIONS:
+        raise ConfigError(f"unknown backend {backend!r}: one of {', '.join(IMPLEMENTATIONS)}")
+    return importlib.import_module(f"{IMPLEMENTATIONS[backend]}.{part}")
+
+
 def supported_quantizations(choice: Choice) -> tuple[str, ...]:
     """Weight-only quantization applied after loading (torch/quant.py, mlx/quant.py); MLX fp8 needs mxfp8."""
-    if choice.backend == "mlx":
-        from .mlx.quant import supported_modes
-
-        return ("none",) + supported_modes()
-    return QUANTIZATIONS
+    return ("none",) + tuple(impl(choice.backend).supported_quantizations())
 
 
 def check_quantization(quantization: str, choice: Choice) -> None:
@@ -134,108 +145,57 @@ def quantize(choice: Choice, module, quantization: str):
     """Quantize the block Linears of a loaded transformer / Qwen3 in place (nothing for 'none')."""
     if quantization != "none":
         check_quantization(quantization, choice)
-        if choice.backend == "mlx":
-            from .mlx.quant import quantize_model
-        else:
-            from .torch.quant import quantize_model
-        n = quantize_model(module, quantization)
+        n = impl(choice.backend).quantize_model(module, quantization)
         log.info("fluxcore: %s quantized %d Linear layers of %s", quantization, n, type(module).__name__)
     return module
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
-
-
-def load_module(choice: Choice, family: str, ckpt, dtype: str, quantization: str):
-    if choice.backend == "mlx":
-        from .mlx import loaders
-
-        return quantize(choice, loaders.load_transformer(family, ckpt, dtype), quantization)
-    if family == "klein":
-        from .torch.klein import load_klein
-
-        return quantize(choice, load_klein(ckpt, dtype=torch_dtype(dtype), device=choice.device).eval(), quantization)
-    from .torch.zimage import load_zimage
-
-    return quantize(choice, load_zimage(ckpt, dtype=torch_dtype(dtype), device=choice.device).eval(), quantization)
+def load_transformer(choice: Choice, family, ckpt, dtype: str, quantization: str):
+    if ckpt.metadata.get("fluxcore.prequantized"):  # GGUF / FluxCore quantized / MLX affine: stays quantized
+        return impl(choice.backend).load_prequantized(family.module, ckpt, dtype, choice.device)
+    module = impl(choice.backend).load_transformer(family, ckpt, dtype, choice.device)
+    return quantize(choice, module, quantization)
 
 
 def compile_blocks(module, choice: Choice) -> str:
-    """Regional torch.compile: every transformer block, not the whole model (compiles in seconds per block type,
-    and the per-step Python loop stays outside the graph). MLX compiles its step itself (mlx/runtime.py)."""
-    if choice.backend != "torch":
-        return "compile: MLX always compiles its step"
-    blocks = [b for name in ("double_blocks", "single_blocks", "noise_refiner", "context_refiner", "layers")
-              for b in getattr(module, name, ())]
-    for b in blocks:
-        b.compile()
-    return f"torch.compile on {len(blocks)} blocks (first generation compiles)"
+    """Regional compilation where the backend has it (torch); MLX compiles its whole step itself."""
+    return impl(choice.backend).compile_blocks(module)
 
 
-def load_text_encoder(choice: Choice, ckpt, dtype: str, quantization: str, tokenizer):
+def build_text_encoder(choice: Choice, ckpt, dtype: str, quantization: str, tokenizer):
+    from .configs import Qwen3Config
     from .text import TextEncoder, layers_needed
-    from .torch.qwen3 import Qwen3Config
     from .weights.qwen3 import to_native
 
     # Both encodings together need layers up to num_layers-1 (Z-Image's hs[-2]); the last layer and the final norm
-    # are never used, so they are not loaded (REFERENCE §0.1).
+    # are never used, so they are not loaded (docs/MODELS.md, Qwen3 encodings).
     n_layers = Qwen3Config.from_state_dict(to_native(ckpt.sd), ckpt.config).num_layers
-    max_layers = layers_needed("both", n_layers)
-    if choice.backend == "mlx":
-        from .mlx import loaders
-
-        model = loaders.load_qwen3(ckpt, dtype, max_layers=max_layers)
+    if ckpt.metadata.get("fluxcore.prequantized"):
+        model = impl(choice.backend).load_prequantized("qwen3", ckpt, dtype, choice.device,
+                                                       max_layers=layers_needed("both", n_layers))
     else:
-        from .torch.qwen3 import load_qwen3
-
-        model = load_qwen3(ckpt, dtype=torch_dtype(dtype), device=choice.device, max_layers=max_layers).eval()
-    quantize(choice, model, quantization)
+        model = impl(choice.backend).load_qwen3(ckpt, dtype, choice.device, max_layers=layers_needed("both", n_layers))
+        quantize(choice, model, quantization)
     # the prompt cache is shared across encoders: a file loaded at two precisions must not share entries
     return TextEncoder(model, tokenizer, source_id=f"{ckpt.source}|{choice.backend}|{dtype}|{quantization}")
 
 
 def load_vae(choice: Choice, ckpt, dtype: str):
-    if choice.backend == "mlx":
-        from .mlx import loaders
-
-        return loaders.load_vae(ckpt, dtype)
-    from .torch.vae import load_vae as load
-
-    return load(ckpt, dtype=torch_dtype(dtype), device=choice.device).eval()
+    return impl(choice.backend).load_vae(ckpt, dtype, choice.device)
 
 
 def device_memory_gb(backend: str, device: str) -> float:
     """Memory of the device a model runs on: GPU memory for CUDA, system (unified) memory otherwise."""
-    if backend == "torch" and device.startswith("cuda"):
-        import torch
-
-        idx = int(device.split(":")[1]) if ":" in device else 0
-        return torch.cuda.get_device_properties(idx).total_memory / 2**30
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        return float("inf")
+    return impl(backend).device_memory_gb(device)
 
 
 LOW_MEMORY_GB = 32.0  # flux.c / mflux release the 8 GB text encoder after encoding below this
 
 
 def empty_cache() -> None:
+    """Free cached device memory of every backend that is in use (imported) in this process."""
     gc.collect()
     if "torch" in sys.modules:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        mps = getattr(torch, "mps", None)
-        if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            mps.empty_cache()
-    if "mlx.core" in sys.modules:
-        import mlx.core as mx
-
-        clear = getattr(mx, "clear_cache", None) or getattr(getattr(mx, "metal", None), "clear_cache", None)
-        if clear:
-            clear()
+        impl("torch").empty_cache()
+    if "mlx.core" in sys.modules and mlx_available():
+        impl("mlx").empty_cache()

@@ -96,10 +96,11 @@ def _build(cls, cfg):
 
 def write_demo_checkpoints(folder: Path | str = DEFAULT_DIR, seed: int = 0) -> dict[str, Path]:
     """Write every tiny checkpoint under its standard file name; returns {role: path}. Idempotent."""
-    from .torch.klein import Flux2Transformer, KleinConfig
-    from .torch.qwen3 import Qwen3Config, Qwen3Encoder
-    from .torch.vae import Flux1VAE, Flux2VAE, VAEConfig
-    from .torch.zimage import ZImageConfig, ZImageTransformer
+    from .configs import KleinConfig, Qwen3Config, VAEConfig, ZImageConfig
+    from .torch.klein import Flux2Transformer
+    from .torch.qwen3 import Qwen3Encoder
+    from .torch.vae import Flux1VAE, Flux2VAE
+    from .torch.zimage import ZImageTransformer
     from .weights.io import save_safetensors
 
     root = Path(folder).expanduser()
@@ -134,7 +135,7 @@ def add_demo_args(p) -> None:
 
 def run_demo(args) -> list[Path]:
     from . import models, pipeline
-    from .__main__ import save_pngs
+    from .outputs import save_pngs
 
     paths = write_demo_checkpoints(args.dir)
     out = Path(args.output_dir)

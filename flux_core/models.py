@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import backend as backends
 from .errors import ConfigError, WeightError
-from .variants import Variant, detect_family, klein_size, make_variant, read_is_distilled
+from .families import VAE_KINDS, Family, Variant, detect_family, read_is_distilled
 from .weights.io import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)  # why this backend / precision / variant was chosen
 
     @property
-    def family(self) -> str | None:
+    def family(self) -> Family | None:
         return self.variant.family if self.variant else None
 
     def describe(self) -> str:
@@ -105,6 +105,7 @@ def load_transformer(path, backend: str = "auto", device: str | None = None, dty
 
     def build():
         ckpt = load_checkpoint(path, component="transformer")
+        label, pre_note = _prequantized(ckpt, quantization)
         family = detect_family(ckpt.sd)
         flag = read_is_distilled(ckpt.source, ckpt.metadata, ckpt.config)
         notes = [choice.reason]
@@ -119,13 +120,12 @@ def load_transformer(path, backend: str = "auto", device: str | None = None, dty
                 flag = distilled
             else:
                 notes.append(f"{'distilled' if flag else 'base'} (from the checkpoint's metadata)")
-        module = backends.load_module(choice, family, ckpt, dt, quantization)
+        module = backends.load_transformer(choice, family, ckpt, dt, quantization)
         if compile:
             notes.append(backends.compile_blocks(module, choice))
-        size = klein_size(module.config.hidden_size) if family == "klein" else ""
-        variant = make_variant(family, flag, size)
-        return LoadedModel("transformer", module, ckpt.source, choice.backend, choice.device, dt, quantization,
-                           variant, notes)
+        variant = family.variant(flag, module.config)
+        return LoadedModel("transformer", module, ckpt.source, choice.backend, choice.device, dt, label,
+                           variant, notes + pre_note)
 
     key = _key("transformer", path, choice.backend + choice.device, dt, quantization, (distilled, compile))
     return _cached(key, build)
@@ -143,12 +143,26 @@ def load_text_encoder(path, tokenizer: str | None = None, backend: str = "auto",
 
     def build():
         ckpt = load_checkpoint(path, component="text_encoder")
-        encoder = backends.load_text_encoder(choice, ckpt, dt, quantization, QwenTokenizer(tok_dir))
-        return LoadedModel("text_encoder", encoder, ckpt.source, choice.backend, choice.device, dt, quantization,
-                           None, [choice.reason, f"tokenizer: {tok_dir}"])
+        label, pre_note = _prequantized(ckpt, quantization)
+        encoder = backends.build_text_encoder(choice, ckpt, dt, quantization, QwenTokenizer(tok_dir))
+        return LoadedModel("text_encoder", encoder, ckpt.source, choice.backend, choice.device, dt, label,
+                           None, [choice.reason, f"tokenizer: {tok_dir}"] + pre_note)
 
     key = _key("text_encoder", path, choice.backend + choice.device, dt, quantization, (str(tok_dir),))
     return _cached(key, build)
+
+
+def _prequantized(ckpt, quantization: str) -> tuple[str, list[str]]:
+    """(the quantization label, notes) of a checkpoint; a pre-quantized file refuses a second quantization."""
+    from .weights import prequant
+
+    if not ckpt.metadata.get("fluxcore.prequantized"):
+        return quantization, []
+    label = prequant.quantization_label(ckpt.metadata)
+    if quantization != "none":
+        raise ConfigError(f"{Path(ckpt.source).name} is already quantized ({prequant.describe(ckpt.metadata)}): "
+                          f"load it with quantization 'none' instead of {quantization!r}")
+    return label, [prequant.describe(ckpt.metadata)]
 
 
 def load_vae(path, backend: str = "auto", device: str | None = None, dtype: str | None = None) -> LoadedModel:
@@ -167,14 +181,12 @@ def load_vae(path, backend: str = "auto", device: str | None = None, dtype: str 
 def check_pair(transformer: LoadedModel, vae: LoadedModel) -> None:
     want = transformer.variant.vae_kind
     if vae.module.kind != want:
-        names = {"flux2": "the FLUX.2 VAE (flux2-vae.safetensors)", "flux1": "the FLUX.1 VAE (ae.safetensors)"}
-        raise ConfigError(f"{transformer.variant.name} needs {names[want]}, but {Path(vae.source).name} is "
-                          f"{names[vae.module.kind]}.")
+        raise ConfigError(f"{transformer.variant.name} needs {VAE_KINDS[want].title}, but {Path(vae.source).name} "
+                          f"is {VAE_KINDS[vae.module.kind].title}.")
 
 
 def check_text_width(transformer: LoadedModel, width: int) -> None:
-    cfg = transformer.module.config
-    need = cfg.context_in_dim if transformer.family == "klein" else cfg.cap_feat_dim
+    need = transformer.family.text_width(transformer.module.config)
     if width != need:
         raise WeightError(f"the text encoder gives {width}-wide features but {transformer.variant.name} expects "
                           f"{need}: klein-4B and Z-Image pair with Qwen3-4B (qwen_3_4b.safetensors), klein-9B with "

@@ -16,13 +16,15 @@ from typing import Callable
 import numpy as np
 
 from . import schedule
+from .backend import impl
 from .errors import ConfigError, Interrupted
+from .families import MAX_SEED
 from .models import LoadedModel, check_pair, check_text_width
 
 log = logging.getLogger(__name__)
 
 REF_AREA_CAP = 1024 * 1024  # diffusers Flux2KleinPipeline: references above 1024² px are resized to that area
-MAX_SEED = 2**64 - 1
+DEFAULT_SIZE = 1024         # output side when neither the caller, a reference nor an init latent sets it
 
 
 @dataclass
@@ -37,11 +39,33 @@ class Conditioning:
     def batch(self) -> int:
         return len(self.prompts)
 
+    @property
+    def stacked(self) -> bool:
+        """klein embeds are one padded tensor [B, 512, D]; Z-Image's a list of [L_i, D] (real tokens only)."""
+        return not isinstance(self.embeds, (list, tuple))
+
     def with_reference(self, latent) -> "Conditioning":
         return Conditioning(self.mode, self.embeds, self.prompts, self.refs + [latent])
 
+    def with_refs(self, refs) -> "Conditioning":
+        return Conditioning(self.mode, self.embeds, self.prompts, list(refs))
+
     def feature_width(self) -> int:
-        return int(self.embeds.shape[-1]) if self.mode == "klein" else int(self.embeds[0].shape[-1])
+        return int(self.embeds.shape[-1]) if self.stacked else int(self.embeds[0].shape[-1])
+
+    def row(self, index: int) -> "Conditioning":
+        """Prompt `index` as a batch of one (the references are kept)."""
+        embeds = self.embeds[index:index + 1] if self.stacked else [self.embeds[index]]
+        return Conditioning(self.mode, embeds, [self.prompts[index]], list(self.refs))
+
+    def repeat(self, batch: int) -> "Conditioning":
+        """A batch of one repeated `batch` times (one prompt, several images); a batch of `batch` as is."""
+        if self.batch == batch:
+            return self
+        if self.batch != 1:
+            raise ConfigError(f"the conditioning holds {self.batch} prompts but the batch size is {batch}")
+        embeds = self.embeds.repeat(batch, 1, 1) if self.stacked else list(self.embeds) * batch
+        return Conditioning(self.mode, embeds, self.prompts * batch, list(self.refs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -49,12 +73,7 @@ class Conditioning:
 
 def encode_prompt(text_encoder: LoadedModel, prompts, mode: str) -> Conditioning:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    enc = text_encoder.module
-    if mode == "klein":
-        return Conditioning("klein", enc.encode_klein(prompts), prompts)
-    if mode == "zimage":
-        return Conditioning("zimage", enc.encode_zimage(prompts), prompts)
-    raise ConfigError(f"unknown text mode {mode!r}: 'klein' or 'zimage'")
+    return Conditioning(mode, text_encoder.module.encode(prompts, mode), prompts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,9 +97,10 @@ def to_pil(image):
     return Image.fromarray(arr).convert("RGB")
 
 
-def prepare_reference(image, keep_size: bool = False, multiple: int = 16):
+def prepare_reference(image, multiple: int, keep_size: bool = False):
     """A reference image as diffusers prepares it: cap the area at 1024² (LANCZOS), then center-crop to a multiple of
-    16. Returns a float32 array [1, 3, H, W] in 0..1. `keep_size` skips the area cap (crop only)."""
+    the VAE's latent cell (16 for the FLUX.2 VAE). Returns a float32 array [1, 3, H, W] in 0..1. `keep_size` skips
+    the area cap (crop only)."""
     img = to_pil(image)
     w, h = img.size
     if min(w, h) < 64 or max(w, h) / min(w, h) > 8:
@@ -104,7 +124,7 @@ def encode_image(vae: LoadedModel, pixels01):
 
 
 def encode_reference(vae: LoadedModel, image, keep_size: bool = False):
-    return encode_image(vae, prepare_reference(image, keep_size))
+    return encode_image(vae, prepare_reference(image, vae.module.downscale, keep_size))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,13 +142,10 @@ def make_noise(seed: int, batch: int, channels: int, h: int, w: int):
 
 def latent_size(model: LoadedModel, width: int, height: int) -> tuple[int, int, int]:
     """(channels, h, w) of the native latent for an image of width x height."""
-    cfg = model.module.config
-    if model.family == "klein":
-        return cfg.in_channels, height // 16, width // 16
-    return cfg.in_channels, height // 8, width // 8
+    return model.family.latent_shape(model.module.config, width, height)
 
 
-def check_size(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
+def check_size(width: int, height: int, multiple: int) -> tuple[int, int]:
     if width is None or height is None:
         raise ConfigError("width and height are required")
     if width < multiple or height < multiple:
@@ -141,66 +158,119 @@ def check_size(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
 
 
 @dataclass
+class Request:
+    """A sampling job after every rule that the CLI, the Python API and the sampler node share has been applied."""
+    cond: Conditioning
+    uncond: Conditioning | None   # set only when CFG runs
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    batch: int
+    init_latent: object = None
+    strength: float = 1.0
+
+    @property
+    def cfg(self) -> bool:
+        return self.uncond is not None
+
+
+def prepare(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None = None, *,
+            width: int | None = None, height: int | None = None, steps: int | None = None,
+            guidance: float | None = None, batch_size: int | None = None, init_latent=None,
+            strength: float = 1.0) -> Request:
+    """The sampling rules, in one place: variant defaults for steps / guidance (None = default); the output size
+    (None or 0 = the init latent's, else the first reference's, else 1024; floored to the family's multiple); the
+    batch (an init latent sets it, a batch of one is repeated); the negative sees the positive's references; CFG
+    needs a negative; references and init images only where the family takes them."""
+    variant, family = model.variant, model.family
+    if cond.mode != variant.text_mode:
+        raise ConfigError(f"the conditioning was encoded in {cond.mode} mode but the model is {variant.name}: set "
+                          f"the text encoder's mode to {variant.text_mode}")
+    if cond.refs and not family.references:
+        raise ConfigError(f"reference images are not a {family.title} feature; for Z-Image use an init image "
+                          "(img2img: VAE Encode into the sampler's latent input, or --init-image)")
+    if init_latent is not None and not family.img2img:
+        raise ConfigError(f"image-to-image from an init latent is not a {family.title} feature; for klein pass "
+                          "reference images instead")
+    check_text_width(model, cond.feature_width())
+    steps = variant.steps if steps is None else int(steps)
+    guidance = variant.guidance if guidance is None else float(guidance)
+    batch = int(batch_size or cond.batch)
+    if init_latent is not None:
+        if int(init_latent.shape[0]) == 1 and batch > 1:
+            init_latent = init_latent.repeat(batch, 1, 1, 1)
+        batch = int(init_latent.shape[0])
+        auto = family.image_size(init_latent)   # img2img: the latent fixes the size
+        width, height = auto
+    elif cond.refs:
+        auto = family.image_size(cond.refs[0])  # diffusers: the output size defaults to the first reference's
+    else:
+        auto = (DEFAULT_SIZE, DEFAULT_SIZE)
+    width, height = check_size(width or auto[0], height or auto[1], family.size_multiple)
+    cond = cond.repeat(batch)
+    use_cfg = family.uses_cfg(guidance, variant.distilled)
+    if use_cfg and uncond is None:
+        raise ConfigError(f"{variant.name} at guidance {guidance:g} uses CFG and needs a negative conditioning (an "
+                          "empty negative prompt is the usual one): link Qwen3 Encode's negative output to the "
+                          "sampler, or lower the guidance to turn CFG off.")
+    if use_cfg:
+        uncond = (uncond if uncond.refs else uncond.with_refs(cond.refs)).repeat(batch)
+    return Request(cond, uncond if use_cfg else None, width, height, steps, guidance, batch, init_latent,
+                   float(strength) if init_latent is not None else 1.0)
+
+
+@dataclass
 class SampleResult:
     latent: object            # native layout, float32, on the backend's device
     seed: int
     steps: int
     guidance: float
     sigmas: np.ndarray
+    width: int = 0
+    height: int = 0
+    cfg: bool = False
 
 
-def sample(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None = None, *, width: int, height: int,
-           steps: int | None = None, guidance: float | None = None, seed: int = 0, noise=None,
+def sample(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None = None, *,
+           width: int | None = None, height: int | None = None, steps: int | None = None,
+           guidance: float | None = None, seed: int = 0, noise=None, batch_size: int | None = None,
            init_latent=None, strength: float = 1.0,
            callback: Callable | None = None, interrupt: Callable[[], bool] | None = None) -> SampleResult:
-    """The denoising loop, shared by both families and both backends.
+    """The denoising loop, shared by both families and both backends (after `prepare`'s rules).
 
     noise: optional explicit float32 [B, C, h, w] (the seed's noise otherwise). init_latent + strength < 1: start
     from the encoded image at σ[start] (image-to-image). callback(step, total, latent) after every step;
     interrupt() is polled before every step and raises Interrupted."""
-    variant = model.variant
-    kind = variant.family
-    if cond.mode != variant.text_mode:
-        raise ConfigError(f"the conditioning was encoded in {cond.mode} mode but the model is {variant.name}: set "
-                          f"the text encoder's mode to {variant.text_mode}")
-    check_text_width(model, cond.feature_width())
-    steps = variant.steps if steps is None else int(steps)
-    guidance = variant.guidance if guidance is None else float(guidance)
-    width, height = check_size(width, height)
-    c, h, w = latent_size(model, width, height)
-    batch = cond.batch
+    req = prepare(model, cond, uncond, width=width, height=height, steps=steps, guidance=guidance,
+                  batch_size=batch_size, init_latent=init_latent, strength=strength)
+    family = model.family
+    c, h, w = latent_size(model, req.width, req.height)
     if noise is None:
-        noise = make_noise(seed, batch, c, h, w)
-    elif tuple(noise.shape) != (batch, c, h, w):
-        raise ConfigError(f"noise shape {tuple(noise.shape)} != expected {(batch, c, h, w)}")
-
-    if kind == "klein":
-        sigmas = schedule.klein_sigmas(steps, h * w)
-    else:
-        sigmas = schedule.zimage_sigmas(steps)
+        noise = make_noise(seed, req.batch, c, h, w)
+    elif tuple(noise.shape) != (req.batch, c, h, w):
+        raise ConfigError(f"noise shape {tuple(noise.shape)} != expected {(req.batch, c, h, w)}")
+    sigmas = family.sigmas(req.steps, req.width, req.height)
     start = 0
-    if init_latent is not None and strength < 1.0:
-        start = schedule.img2img_start(sigmas, strength)
-        if start >= steps:
-            raise ConfigError(f"strength {strength} with {steps} steps leaves no step to run; raise strength or steps")
-    cfg = schedule.uses_cfg(kind, guidance, variant.distilled)
-    if cfg and uncond is None:
-        raise ConfigError(f"{variant.name} with guidance {guidance} uses CFG and needs a negative conditioning "
-                          "(an empty prompt is the usual one)")
-    ops = _ops(model.backend)
-    denoise = ops.make_denoiser(model, cond, uncond if cfg else None, guidance, batch, h, w)
-    x = ops.initial_latent(noise, init_latent, sigmas[start], model)
-    x = euler(denoise, x, sigmas, kind, start, callback, interrupt, ops)
-    return SampleResult(x, int(seed), steps, guidance, sigmas)
+    if req.init_latent is not None and req.strength < 1.0:
+        start = schedule.img2img_start(sigmas, req.strength)
+        if start >= req.steps:
+            raise ConfigError(f"strength {req.strength} with {req.steps} steps leaves no step to run; raise "
+                              "strength or steps")
+    ops = impl(model.backend, "runtime")
+    denoise = ops.make_denoiser(model, req.cond, req.uncond, req.guidance, req.batch, h, w)
+    x = ops.initial_latent(noise, req.init_latent, sigmas[start], model)
+    x = euler(denoise, x, sigmas, family, start, callback, interrupt, ops)
+    return SampleResult(x, int(seed), req.steps, req.guidance, sigmas, req.width, req.height, req.cfg)
 
 
-def euler(denoise, x, sigmas, kind: str, start: int = 0, callback=None, interrupt=None, ops=None):
+def euler(denoise, x, sigmas, family, start: int = 0, callback=None, interrupt=None, ops=None):
     """x <- x + (σ_{i+1} − σ_i)·v, with v in the FLUX convention (noise − x0); float32 between steps."""
     total = len(sigmas) - 1 - start
     for n, i in enumerate(range(start, len(sigmas) - 1)):
         if interrupt is not None and interrupt():
             raise Interrupted(f"interrupted before step {n + 1} of {total}")
-        v = denoise(x, schedule.model_time(sigmas[i], kind))
+        v = denoise(x, family.model_time(sigmas[i]))
         x = x + float(np.float32(sigmas[i + 1] - sigmas[i])) * v
         if ops is not None:
             x = ops.step_done(x)
@@ -209,18 +279,8 @@ def euler(denoise, x, sigmas, kind: str, start: int = 0, callback=None, interrup
     return x
 
 
-def _ops(backend: str):
-    if backend == "mlx":
-        from .mlx import runtime
-
-        return runtime
-    from .torch import runtime
-
-    return runtime
-
-
 def _to_backend(arr, model: LoadedModel):
-    return _ops(model.backend).to_backend(arr, model)
+    return impl(model.backend, "runtime").to_backend(arr, model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,14 +289,15 @@ def _to_backend(arr, model: LoadedModel):
 def decode(vae: LoadedModel, latent):
     """Native latent -> float32 numpy images [B, H, W, 3] in 0..1 (ComfyUI's IMAGE layout)."""
     images = vae.module.decode(_to_backend(latent, vae))
-    return _ops(vae.backend).to_numpy(images).transpose(0, 2, 3, 1)
+    return impl(vae.backend, "runtime").to_numpy(images).transpose(0, 2, 3, 1)
 
 
-def preview(latent, family: str):
+def preview(latent, family):
     """A cheap RGB preview [h, w, 3] of a native latent (no VAE): the mean of channel groups, for step previews."""
     arr = np.asarray(latent[0], dtype=np.float32)
-    if family == "klein":  # 4·zc channels = zc VAE channels x 2x2 patch (c·4 + ph·2 + pw): average each patch
-        arr = arr.reshape(-1, 4, *arr.shape[1:]).mean(1)
+    g = family.preview_group  # klein: 4·zc channels = zc VAE channels x 2x2 patch (c·4 + ph·2 + pw): average each
+    if g > 1:
+        arr = arr.reshape(-1, g, *arr.shape[1:]).mean(1)
     rgb = np.stack([arr[i::3].mean(0) for i in range(3)], -1)
     lo, hi = np.percentile(rgb, 1), np.percentile(rgb, 99)
     return np.clip((rgb - lo) / max(hi - lo, 1e-6), 0, 1)
@@ -260,18 +321,18 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
     from . import backend as backends
     from .models import release
 
-    variant = transformer.variant
+    variant, family = transformer.variant, transformer.family
     check_pair(transformer, vae)
-    if references and variant.family != "klein":
-        raise ConfigError("reference images are a FLUX.2 klein feature; for Z-Image use an init image (img2img)")
-    if init_image is not None and variant.family != "zimage":
-        raise ConfigError("init-image/strength (img2img) is supported for Z-Image; for klein pass --reference images")
-    prompts = [prompt] * batch_size
-    cond = encode_prompt(text_encoder, prompts, variant.text_mode)
+    if references and not family.references:
+        raise ConfigError(f"reference images are not a {family.title} feature; for Z-Image use an init image (img2img)")
+    if init_image is not None and not family.img2img:
+        raise ConfigError(f"init-image/strength (img2img) is not a {family.title} feature; for klein pass "
+                          "--reference images")
+    cond = encode_prompt(text_encoder, [prompt], variant.text_mode)
     g = variant.guidance if guidance is None else guidance
     uncond = None
-    if schedule.uses_cfg(variant.family, g, variant.distilled):
-        uncond = encode_prompt(text_encoder, [negative_prompt] * batch_size, variant.text_mode)
+    if family.uses_cfg(g, variant.distilled):
+        uncond = encode_prompt(text_encoder, [negative_prompt], variant.text_mode)
     if release_text_encoder is None:
         release_text_encoder = backends.device_memory_gb(text_encoder.backend, text_encoder.device) < backends.LOW_MEMORY_GB
     if release_text_encoder:
@@ -279,29 +340,22 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
         release(text_encoder)
         text_encoder.module.release()
     for ref in references:
-        lat = encode_reference(vae, ref)
-        cond = cond.with_reference(lat)
-        if width is None or height is None:  # diffusers: the output size defaults to the first reference's
-            width = width or int(lat.shape[-1]) * 16
-            height = height or int(lat.shape[-2]) * 16
+        cond = cond.with_reference(encode_reference(vae, ref))
     init_latent = None
     if init_image is not None:
         pil = to_pil(init_image)
-        width = width or pil.size[0] // 16 * 16
-        height = height or pil.size[1] // 16 * 16
-        pil = pil.resize((width, height), _lanczos()) if pil.size != (width, height) else pil
+        m = family.size_multiple
+        size = (width or pil.size[0] // m * m, height or pil.size[1] // m * m)
+        pil = pil.resize(size, _lanczos()) if pil.size != size else pil
         init_latent = encode_image(vae, (np.asarray(pil, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None])
-    width = width or 1024
-    height = height or 1024
-    if uncond is not None and cond.refs:
-        uncond = Conditioning(uncond.mode, uncond.embeds, uncond.prompts, cond.refs)
     res = sample(transformer, cond, uncond, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
-                 noise=noise, init_latent=init_latent, strength=strength, callback=callback, interrupt=interrupt)
+                 noise=noise, batch_size=batch_size, init_latent=init_latent, strength=strength,
+                 callback=callback, interrupt=interrupt)
     images = decode(vae, res.latent)
     if transformer.backend == "mlx":
         backends.empty_cache()  # MLX keeps freed buffers in its cache until told; clear between generations
     params = {"model": variant.name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": res.seed,
-              "steps": res.steps, "guidance": res.guidance, "width": width, "height": height,
+              "steps": res.steps, "guidance": res.guidance, "width": res.width, "height": res.height,
               "references": len(references), "strength": strength if init_image is not None else None,
               "backend": transformer.backend, "dtype": transformer.dtype}
     return Generation(images, res.latent, res.seed, params)

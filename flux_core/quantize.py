@@ -8,7 +8,6 @@ without quantizing again and without ever holding the full-precision weights (fl
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -27,7 +26,7 @@ def add_args(p) -> None:
     p.add_argument("--output", required=True, help="the .safetensors file to write")
 
 
-def run(args) -> int:
+def run(args) -> dict:
     from .torch.qload import quantize_file
 
     source = args.model or args.text_encoder
@@ -37,6 +36,4 @@ def run(args) -> int:
         raise ConfigError(f"--output {out} must end in .safetensors (the loaders look for that suffix)")
     if out.resolve() == Path(source).resolve():
         raise ConfigError("--output must not overwrite the source checkpoint")
-    report = quantize_file(source, out, args.quantization, component)
-    print(json.dumps(report))  # the CLI's result line (the library itself never prints)
-    return 0
+    return quantize_file(source, out, args.quantization, component)

@@ -1,15 +1,13 @@
-"""Sigma schedules and the Euler / CFG arithmetic, as small backend-neutral functions.
+"""Sigma schedules as small backend-neutral functions (the Euler loop is `pipeline.euler`).
 
-Both models are rectified flows sampled with Euler from σ=1 (noise) to σ=0 (data); they differ in the schedule and in
-what the network is fed and returns (REFERENCE.md §1.8, §2.5, §0.6, §0.8):
+Both models are rectified flows sampled from σ=1 (noise) to σ=0 (data); they differ in the schedule:
 
-  klein   σ = e^μ / (e^μ + (1/s − 1)), s = linspace(1, 1/N, N), μ = empirical_mu(image tokens, N); model gets t = σ and
-          predicts v = noise − x0; CFG (base models only) = neg + g·(pos − neg).
-  Z-Image σ = 3s / (1 + 2s) (static shift 3); model gets t = 1 − σ and predicts x0 − noise, so v = −output;
-          CFG = pos + g·(pos − neg) (g is "extra" guidance: g = 0 means none).
+  klein   σ = e^μ / (e^μ + (1/s − 1)), s = linspace(1, 1/N, N), μ = empirical_mu(image tokens, N)
+  Z-Image σ = 3s / (1 + 2s) (static shift 3)
 
-The arithmetic mirrors diffusers' FlowMatchEulerDiscreteScheduler step by step (float32 numpy, the same casts), so the
-sigmas are bit-identical to diffusers' and the timesteps fed to the networks are too (σ·1000 in float32, then /1000).
+What each network is fed and returns, and its CFG convention, are family rules (`flux_core/families.py`). The
+arithmetic mirrors diffusers' FlowMatchEulerDiscreteScheduler step by step (float32 numpy, the same casts), so the
+sigmas are bit-identical to diffusers' (docs/MODELS.md, schedules).
 """
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ from .errors import ConfigError
 # BFL / diffusers `compute_empirical_mu` fit constants (FLUX.2): two linear fits in image tokens, at 10 and 200 steps.
 _MU_A1, _MU_B1 = 8.73809524e-05, 1.89833333
 _MU_A2, _MU_B2 = 0.00016927, 0.45666666
-_MU_SWITCH = 4300  # above this many image tokens μ ignores the step count (REFERENCE.md §0.13: a real discontinuity)
+_MU_SWITCH = 4300  # above this many image tokens μ ignores the step count (a real discontinuity in BFL's fit)
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -61,16 +59,6 @@ def zimage_sigmas(num_steps: int, shift: float = 3.0) -> np.ndarray:
     return np.append(sig.astype(np.float32), np.float32(0.0))
 
 
-def model_time(sigma: np.float32, kind: str) -> np.float32:
-    """The scalar each network is conditioned on, rounded the way diffusers computes it (timestep = σ·1000 in float32)."""
-    t = np.float32(np.float32(sigma) * np.float32(1000.0))
-    if kind == "klein":
-        return np.float32(t / np.float32(1000.0))
-    if kind == "zimage":
-        return np.float32((np.float32(1000.0) - t) / np.float32(1000.0))
-    raise ValueError(kind)
-
-
 def img2img_start(sigmas: np.ndarray, strength: float) -> int:
     """Index of the first step to run for image-to-image at `strength` (1 = from pure noise, as diffusers' img2img
     pipelines do: skip int(N·(1 − strength)) leading steps)."""
@@ -79,18 +67,3 @@ def img2img_start(sigmas: np.ndarray, strength: float) -> int:
     n = len(sigmas) - 1
     init = min(n * strength, n)
     return int(max(n - init, 0))
-
-
-def cfg_combine(pos, neg, g: float, kind: str):
-    """Classifier-free guidance in each model's own convention (works on torch tensors and mx arrays alike)."""
-    if kind == "klein":
-        return neg + g * (pos - neg)
-    if kind == "zimage":
-        return pos + g * (pos - neg)
-    raise ValueError(kind)
-
-
-def uses_cfg(kind: str, guidance: float, distilled: bool) -> bool:
-    if kind == "klein":
-        return (not distilled) and guidance > 1.0
-    return guidance > 0.0

@@ -9,8 +9,8 @@ tests/test_text.py). REFERENCE.md 0.1-0.3, 1.5, 2.4, 3.
   Z-Image: ZIMAGE_TEMPLATE (no think block), hs[num_layers - 1] (= HF hidden_states[-2], un-normed), real tokens
            only -> [L, H]. Causal attention makes the real rows independent of any right padding, so it may run
            unpadded.
-  both:    the Z-Image string is a strict prefix of the klein one, so ONE forward over the klein-padded sequence to
-           layer num_layers - 1 yields both (the Z-Image rows are its first L_z rows).
+  both:    what a loaded encoder builds: layers up to num_layers - 1 serve either mode, so one encoder file serves
+           klein and Z-Image (the last layer and the final norm are never loaded).
 
 We format the templates ourselves and never use a tokenizer folder's chat template (ComfyUI's bundled one is
 Qwen2.5's and injects a default system prompt).
@@ -255,9 +255,6 @@ class TextEncoder:
         self.vocab_size = model.config.vocab_size
         self.cache = _SHARED_CACHE if cache is None else cache
 
-    def layers_needed(self, mode: str) -> int:
-        return layers_needed(mode, self.num_layers)
-
     def token_ids(self, prompt: str, mode: str) -> list[int]:
         """Template, tokenize, truncate to MAX_LENGTH (as the pipelines' `truncation=True`)."""
         ids = self.tokenizer.encode(apply_template(prompt, mode))[:MAX_LENGTH]
@@ -265,6 +262,13 @@ class TextEncoder:
             raise ConfigError(f"token id {max(ids)} >= the text encoder's vocabulary ({self.vocab_size}): the "
                               "tokenizer does not belong to this Qwen3 checkpoint")
         return ids
+
+    def encode(self, prompts: Sequence[str] | str, mode: str):
+        """Prompts -> the embeddings of one encoding mode ('klein' | 'zimage'; see the module docstring)."""
+        encoders = {"klein": self.encode_klein, "zimage": self.encode_zimage}
+        if mode not in encoders:
+            raise ConfigError(f"unknown text mode {mode!r}: one of {', '.join(encoders)}")
+        return encoders[mode](prompts)
 
     def encode_klein(self, prompts: Sequence[str] | str):
         """-> [B, 512, 3H] (hs 9, 18, 27 concatenated per token, pad rows included)."""
@@ -294,22 +298,6 @@ class TextEncoder:
                 self.cache.put((p, "zimage", self.source_id), got[p])
         return [got[p].clone() for p in prompts]
 
-    def encode_both(self, prompt: str):
-        """-> (klein [1, 512, 3H], zimage [L, H]) from ONE forward when the Z-Image ids prefix the klein ids."""
-        k, z = self._cached(prompt, "klein"), self._cached(prompt, "zimage")
-        if k is None or z is None:
-            k_ids, z_ids = self.token_ids(prompt, "klein"), self.token_ids(prompt, "zimage")
-            if k_ids[:len(z_ids)] != z_ids:  # tokenization broke the prefix property: two passes
-                log.debug("klein/Z-Image token ids are not prefix-related; encoding in two passes")
-                return self.encode_klein([prompt]), self.encode_zimage([prompt])[0]
-            hs = self._forward([k_ids], KLEIN_LAYERS + (self.num_layers - 1,), pad_to=MAX_LENGTH)
-            import torch
-
-            k, z = torch.cat(hs[:3], dim=-1)[0], hs[3][0, :len(z_ids)].clone()
-            self.cache.put((prompt, "klein", self.source_id), k)
-            self.cache.put((prompt, "zimage", self.source_id), z)
-        return k.unsqueeze(0).clone(), z.clone()
-
     def release(self) -> None:
         """Drop the model (memory). Cached prompts stay servable; anything else needs a new TextEncoder."""
         self.model = None
@@ -330,27 +318,4 @@ class TextEncoder:
         for b, x in enumerate(ids):
             input_ids[b, :len(x)] = torch.tensor(x, dtype=torch.long)
             mask[b, :len(x)] = 1
-        if hasattr(self.model, "forward_torch"):  # an MLX encoder: torch CPU tensors in and out
-            return self.model.forward_torch(input_ids, mask, output_layers=layers)
-        dev = next(self.model.parameters()).device
-        with torch.inference_mode():
-            return self.model(input_ids.to(dev), mask.to(dev), output_layers=layers)
-
-
-def load_text_encoder(weights, tokenizer: str | os.PathLike | None = None, mode: str = "both", dtype=None,
-                      device="cpu", extra_tokenizer_dirs: Iterable = (), cache: EmbeddingCache | None = None
-                      ) -> TextEncoder:
-    """Read a Qwen3 checkpoint once, build only the layers `mode` needs, find the tokenizer, wrap both."""
-    import torch
-
-    from .torch.qwen3 import Qwen3Config, load_qwen3
-    from .weights import qwen3 as qwen3_keys
-    from .weights.io import load_checkpoint
-
-    dtype = dtype or torch.float32
-    tok = QwenTokenizer(find_tokenizer(tokenizer, near=[weights], extra_dirs=extra_tokenizer_dirs))
-    ckpt = load_checkpoint(weights, component="text_encoder")
-    cfg = Qwen3Config.from_state_dict(qwen3_keys.to_native(ckpt.sd), ckpt.config)
-    model = load_qwen3(ckpt, dtype=dtype, device=device, max_layers=layers_needed(mode, cfg.num_layers))
-    source_id = f"{Path(ckpt.source).resolve()}|{str(dtype).replace('torch.', '')}"
-    return TextEncoder(model, tok, source_id, cache=cache)
+        return self.model.hidden_states(input_ids, mask, output_layers=layers)  # either backend's Qwen3Encoder

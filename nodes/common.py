@@ -8,7 +8,7 @@ alive, and the next run simply reloads them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flux_core import backend as fc_backend
 
@@ -26,15 +26,7 @@ BACKEND_TIP = ("auto: MLX on Apple Silicon when mlx is installed, else torch on 
                "mlx / torch: force one (an error says what is missing).")
 DTYPE_TIP = "auto: bfloat16 on GPUs and MLX, float32 on a CPU (where bf16 is slow). The badge shows the choice."
 QUANT_TIP = ("Quantize the weights at load time (none | int8 | int4 | fp8 where the backend supports it). "
-             "Files that are already fp8 load either way.")
-
-# ComfyUI's LATENT for the FLUX.1 VAE family (Z-Image) is the raw VAE mean; the model applies (x - shift) * scale
-# itself (comfy/latent_formats.py class Flux: scale_factor 0.3611, shift_factor 0.1159). flux_core's native
-# Z-Image latent is already normalised, so we convert at the LATENT boundary. FLUX.2 latents are normalised by
-# the VAE's batch-norm in both (latent_formats.Flux2 process_in/out are identity): no conversion for klein.
-COMFY_FLUX1_SCALE = 0.3611
-COMFY_FLUX1_SHIFT = 0.1159
-
+             "Files that are already fp8 load either way; pre-quantized files (.gguf, FluxCore quantized) need none.")
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -47,9 +39,8 @@ class ModelRef:
     distilled: bool | None = None      # transformer: the variant choice (None = from the file)
     tokenizer: str | None = None       # text encoder
     tokenizer_search: tuple = ()
-    family: str | None = None          # transformer: "klein" | "zimage"; vae: "flux2" | "flux1"
-    variant: object = None             # flux_core.variants.Variant (transformer)
-    summary: dict = field(default_factory=dict, compare=False, hash=False)
+    family: str | None = None          # transformer: the family's name (klein | zimage); vae: its kind (flux2 | flux1)
+    variant: object = None             # flux_core.families.Variant (transformer)
     compile: bool = False              # transformer: regional torch.compile
 
     def load(self):
@@ -82,21 +73,26 @@ def ui(payload: dict, result: tuple) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- LATENT
-def to_comfy_latent(latent, family: str) -> dict:
+# ComfyUI's LATENT for the FLUX.1 VAE (Z-Image) is the raw VAE mean; the model applies (x - shift) * scale itself
+# (comfy/latent_formats.py, class Flux). flux_core's native Z-Image latent is already normalised, so we convert at the
+# LATENT boundary with the VAE kind's constants (flux_core.families.VAE_KINDS; FLUX.2 is the identity).
+
+def to_comfy_latent(latent, vae_kind) -> dict:
     """flux_core native latent (any backend) -> ComfyUI LATENT dict on the CPU, float32."""
-    samples = to_cpu_tensor(latent)
-    if family in ("zimage", "flux1"):
-        samples = samples / COMFY_FLUX1_SCALE + COMFY_FLUX1_SHIFT
-        return {"samples": samples, "downscale_ratio_spacial": 8}
-    return {"samples": samples}
+    samples = to_cpu_tensor(latent) / vae_kind.comfy_scale + vae_kind.comfy_shift
+    out = {"samples": samples}
+    if vae_kind.comfy_shift:  # FLUX.1-family latents: ComfyUI records the 8x spatial ratio
+        out["downscale_ratio_spacial"] = vae_kind.downscale
+    return out
 
 
-def from_comfy_latent(latent: dict, family: str):
-    """ComfyUI LATENT dict -> flux_core native layout (float32 torch tensor on the CPU). Never mutates the dict."""
+def from_comfy_latent(latent: dict, vae_kind, channels: int | None = None, what: str = "LATENT"):
+    """ComfyUI LATENT dict -> flux_core native layout (float32 torch tensor on the CPU). Never mutates the dict.
+    With `channels`, the latent must have that many (else an error naming the fix)."""
     samples = to_cpu_tensor(latent["samples"])
-    if family in ("zimage", "flux1"):
-        samples = (samples - COMFY_FLUX1_SHIFT) * COMFY_FLUX1_SCALE
-    return samples
+    if channels is not None:
+        check_latent_channels(samples, channels, what)
+    return (samples - vae_kind.comfy_shift) * vae_kind.comfy_scale
 
 
 def to_cpu_tensor(x):

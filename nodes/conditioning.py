@@ -25,14 +25,6 @@ def resolve_mode(mode: str, model) -> str:
     return mode
 
 
-def split_batch(cond, index: int):
-    """Row `index` of a Conditioning as a batch of one (klein: a tensor [B, 512, D]; Z-Image: a list of [L, D])."""
-    from flux_core.pipeline import Conditioning
-
-    embeds = cond.embeds[index:index + 1] if cond.mode == "klein" else [cond.embeds[index]]
-    return Conditioning(cond.mode, embeds, [cond.prompts[index]], list(cond.refs))
-
-
 class Qwen3Encode:
     RETURN_TYPES = (CONDITIONING, CONDITIONING)
     RETURN_NAMES = ("positive", "negative")
@@ -68,7 +60,7 @@ class Qwen3Encode:
         te = text_encoder.load()
         both = pipeline.encode_prompt(te, [prompt, negative_prompt or ""], mode)
         payload = describe(te, f"{mode} mode")
-        return ui(payload, (split_batch(both, 0), split_batch(both, 1)))
+        return ui(payload, (both.row(0), both.row(1)))
 
 
 class ReferenceImageEncode:
@@ -99,18 +91,26 @@ class ReferenceImageEncode:
     def encode(self, conditioning, vae, image, keep_size):
         from flux_core import pipeline
 
-        if conditioning.mode != "klein":
-            raise ConfigError("reference images are a FLUX.2 klein feature; this conditioning was encoded for Z-Image. "
-                              "For Z-Image, feed the image through VAE Encode into the sampler's latent input.")
-        if vae.family != "flux2":
-            raise ConfigError("klein references need the FLUX.2 VAE (flux2-vae.safetensors); this one is the "
-                              "FLUX.1 VAE.")
+        check_reference_inputs(conditioning, vae)
         v = vae.load()
         cond, sizes = conditioning, []
         for i in range(int(image.shape[0])):
             latent = pipeline.encode_reference(v, image[i:i + 1], bool(keep_size))
             cond = cond.with_reference(latent)
-            f = v.module.downscale
-            sizes.append(f"{int(latent.shape[-1]) * f}x{int(latent.shape[-2]) * f}")
+            sizes.append(f"{int(latent.shape[-1]) * v.module.downscale}x{int(latent.shape[-2]) * v.module.downscale}")
         payload = describe(v, f"ref {len(cond.refs)}: {', '.join(sizes)}")
         return ui(payload, (cond,))
+
+
+def check_reference_inputs(conditioning, vae) -> None:
+    """References only for families that take them, encoded with that family's VAE (checked before any encoding)."""
+    from flux_core.families import VAE_KINDS, by_text_mode
+
+    family = by_text_mode(conditioning.mode)
+    if not family.references:
+        raise ConfigError(f"reference images are a FLUX.2 klein feature; this conditioning was encoded for "
+                          f"{family.title}. For Z-Image, feed the image through VAE Encode into the sampler's latent "
+                          "input.")
+    if vae.family != family.vae_kind:
+        raise ConfigError(f"{family.title} references need {VAE_KINDS[family.vae_kind].title}; this one is "
+                          f"{VAE_KINDS[vae.family].title}.")

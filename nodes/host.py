@@ -31,6 +31,8 @@ IN_COMFYUI = folder_paths is not None and model_management is not None
 FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"),
            "vae": ("vae",)}
 MODEL_EXTENSIONS = (".safetensors", ".sft")
+# GGUF files (ComfyUI-GGUF's downloads) sit in the same folders; ComfyUI's own lists filter them out by extension
+GGUF_FOLDERS = ("diffusion_models", "text_encoders")
 _ROOTS: list[Path] = []
 
 
@@ -45,16 +47,17 @@ def _fallback_roots() -> list[Path]:
 
 
 def list_models(folder: str) -> list[str]:
-    """File names (relative, subfolders included) a loader's combo offers."""
+    """File names (relative, subfolders included) a loader's combo offers; .gguf too for models / text encoders."""
+    exts = MODEL_EXTENSIONS + ((".gguf",) if folder in GGUF_FOLDERS else ())
     if folder_paths is not None:
-        return [f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(MODEL_EXTENSIONS)]
-    names = set()
-    for root in _fallback_roots():
-        for sub in FOLDERS[folder]:
-            base = root / sub
-            if base.is_dir():
-                names.update(p.relative_to(base).as_posix() for p in base.rglob("*")
-                             if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS)
+        names = {f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(exts)}
+        bases = [Path(p) for p in folder_paths.get_folder_paths(folder)]
+    else:
+        names, bases = set(), [root / sub for root in _fallback_roots() for sub in FOLDERS[folder]]
+    for base in bases:
+        if base.is_dir():
+            names.update(p.relative_to(base).as_posix() for p in base.rglob("*")
+                         if p.is_file() and p.suffix.lower() in exts)
     return sorted(names)
 
 
@@ -84,10 +87,26 @@ def tokenizer_dirs() -> tuple[str, ...]:
 
 # ------------------------------------------------------------------------------------------- progress and interrupt
 class Progress:
-    """A ComfyUI progress bar for one node (no-op outside ComfyUI), with optional step previews."""
+    """A ComfyUI progress bar for one node (no-op outside ComfyUI), with optional step previews of a `family`'s
+    latents when ComfyUI's preview method is on."""
 
-    def __init__(self, total: int, node_id=None):
+    def __init__(self, total: int, node_id=None, family=None):
         self.bar = comfy_utils.ProgressBar(total, node_id=node_id) if comfy_utils is not None else None
+        self.family = family if previews_enabled() else None
+
+    def step(self, step: int, total: int, latent) -> None:
+        """The sampler's callback: advance the bar, with a cheap preview of the latent when enabled."""
+        rgb = None
+        if self.family is not None:
+            try:
+                from flux_core.pipeline import preview
+
+                from .common import to_cpu_tensor
+
+                rgb = preview(to_cpu_tensor(latent[:1]).numpy(), self.family)
+            except Exception:  # a preview must never fail the run
+                log.debug("fluxcore: step preview failed", exc_info=True)
+        self.update(step, total, rgb)
 
     def update(self, value: int, total: int, preview_rgb=None) -> None:
         if self.bar is None:

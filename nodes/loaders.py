@@ -8,12 +8,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from flux_core.errors import ConfigError
+from flux_core.families import VAE_KINDS
 
 from . import host
 from .common import (BACKEND_OPTIONS, BACKEND_TIP, CATEGORY, DTYPE_OPTIONS, DTYPE_TIP, MODEL, QUANT_OPTIONS,
                      QUANT_TIP, TEXT_ENCODER, VAE, ModelRef, describe, ui)
 
 _CATEGORY = CATEGORY + "/loaders"
+LOADER_NODES = {"klein": "FluxCore klein Model Loader", "zimage": "FluxCore Z-Image Model Loader"}  # by family
 COMPILE_TIP = ("torch: compile each transformer block with torch.compile. On a CUDA GPU the first run takes ~15 s "
                "longer, then every step is ~1.3-1.5x faster. MLX always compiles its step; on a CPU compiling is slow.")
 
@@ -43,7 +45,8 @@ class _TransformerLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": (host.list_models("diffusion_models"),
-                           {"tooltip": f"The {cls.LABEL} file in models/diffusion_models/ (ComfyUI/BFL single file)."}),
+                           {"tooltip": f"The {cls.LABEL} file in models/diffusion_models/ (ComfyUI/BFL single file, a "
+                                       "ComfyUI-GGUF .gguf or a FluxCore quantized file)."}),
             "backend": (BACKEND_OPTIONS, {"default": "auto", "tooltip": BACKEND_TIP}),
             "dtype": (DTYPE_OPTIONS, {"default": "auto", "tooltip": DTYPE_TIP}),
             "quantization": (QUANT_OPTIONS, {"default": "none", "tooltip": QUANT_TIP}),
@@ -57,13 +60,12 @@ class _TransformerLoader:
             raise ConfigError(f"variant must be one of {', '.join(self.VARIANTS)}, got {variant!r}")
         ref = ModelRef("transformer", path, backend, dtype, quantization, self.VARIANTS[variant], compile=bool(compile))
         loaded = _load(ref)
-        if loaded.family != self.FAMILY:
-            other = "FluxCore Z-Image Model Loader" if loaded.family == "zimage" else "FluxCore klein Model Loader"
+        if loaded.family.name != self.FAMILY:
             raise ConfigError(f"{model_name} is a {loaded.variant.name} model, not {self.LABEL}: load it with the "
-                              f"{other} node.")
+                              f"{LOADER_NODES[loaded.family.name]} node.")
         v = loaded.variant
         payload = describe(loaded, f"{v.steps} steps" + (f" · cfg {v.guidance:g}" if v.uses_cfg_by_default else ""))
-        return ui(payload, (replace(ref, family=v.family, variant=v, summary=payload),))
+        return ui(payload, (replace(ref, family=v.family.name, variant=v),))
 
 
 class KleinModelLoader(_TransformerLoader):
@@ -106,7 +108,7 @@ class TextEncoderLoader:
         return {"required": {
             "text_encoder": (host.list_models("text_encoders"),
                              {"tooltip": "The Qwen3 file in models/text_encoders/ (qwen_3_4b.safetensors for klein "
-                                         "4B and Z-Image)."}),
+                                         "4B and Z-Image; a llama.cpp .gguf or a FluxCore quantized file too)."}),
             "backend": (BACKEND_OPTIONS, {"default": "auto", "tooltip": BACKEND_TIP}),
             "dtype": (DTYPE_OPTIONS, {"default": "auto", "tooltip": DTYPE_TIP}),
             "quantization": (QUANT_OPTIONS, {"default": "none", "tooltip": QUANT_TIP}),
@@ -123,7 +125,7 @@ class TextEncoderLoader:
                        host.tokenizer_dirs())
         loaded = _load(ref)
         payload = describe(loaded)
-        return ui(payload, (replace(ref, summary=payload),))
+        return ui(payload, (ref,))
 
 
 class VAELoader:
@@ -151,5 +153,5 @@ class VAELoader:
         ref = ModelRef("vae", path, backend, dtype)
         loaded = _load(ref)
         kind = loaded.module.kind
-        payload = describe(loaded, {"flux2": "FLUX.2 VAE", "flux1": "FLUX.1 VAE"}.get(kind, kind))
-        return ui(payload, (replace(ref, family=kind, summary=payload),))
+        payload = describe(loaded, VAE_KINDS[kind].title)
+        return ui(payload, (replace(ref, family=kind),))

@@ -1,7 +1,9 @@
 """VAE Decode (LATENT -> IMAGE) and VAE Encode (IMAGE -> LATENT) in ComfyUI's native data conventions."""
 from __future__ import annotations
 
-from .common import CATEGORY, VAE, check_latent_channels, describe, from_comfy_latent, to_comfy_latent, ui
+from flux_core.families import VAE_KINDS
+
+from .common import CATEGORY, VAE, describe, from_comfy_latent, to_comfy_latent, ui
 
 _CATEGORY = CATEGORY + "/latent"
 
@@ -30,8 +32,7 @@ class VAEDecode:
         from flux_core import pipeline
 
         v = vae.load()
-        z = from_comfy_latent(samples, v.module.kind)
-        check_latent_channels(z, v.module.latent_channels, "VAE Decode")
+        z = from_comfy_latent(samples, VAE_KINDS[v.module.kind], v.module.latent_channels, "VAE Decode")
         images = torch.from_numpy(pipeline.decode(v, z).copy()).float()
         return ui(describe(v, f"{images.shape[2]}x{images.shape[1]}"), (images,))
 
@@ -60,7 +61,7 @@ class VAEEncode:
         v = vae.load()
         x = crop_to_multiple(pixels[..., :3], v.module.downscale)                 # [B, H, W, 3]
         z = pipeline.encode_image(v, x.permute(0, 3, 1, 2).contiguous().float().cpu().numpy())
-        latent = to_comfy_latent(z, v.module.kind)
+        latent = to_comfy_latent(z, VAE_KINDS[v.module.kind])
         return ui(describe(v, f"{x.shape[2]}x{x.shape[1]}"), (latent,))
 
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flux_core import models, pipeline
@@ -37,7 +38,7 @@ def test_demo_command_writes_both_images(demo, tmp_path):
 
 def test_detection_from_files(demo):
     tr, te, vae = _load(demo)
-    assert tr.variant.family == "klein" and tr.variant.distilled and tr.variant.steps == 4
+    assert tr.variant.family.name == "klein" and tr.variant.distilled and tr.variant.steps == 4
     base = models.load_transformer(demo["klein_base"], backend="torch", device="cpu")
     assert not base.variant.distilled and base.variant.steps == 50 and base.variant.guidance == 4.0
     assert any("metadata" in n for n in base.notes)
@@ -45,6 +46,20 @@ def test_detection_from_files(demo):
     assert z.variant.name == "zimage-turbo" and z.variant.steps == 8 and z.variant.guidance == 0.0
     assert vae.module.kind == "flux2" and models.load_vae(demo["flux1_vae"], backend="torch").module.kind == "flux1"
     assert models.load_transformer(demo["klein"], backend="torch", device="cpu") is tr  # cached
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", "model.diffusion_model.", "diffusion_model.", "model."])
+def test_prefixed_klein_files_load_through_models(demo, tmp_path, prefix):
+    """Every prefix the klein key map strips is also accepted by family detection (`transformer.` once was not)."""
+    from flux_core.weights.io import load_checkpoint, save_safetensors
+
+    sd = load_checkpoint(demo["klein"]).sd
+    path = tmp_path / "prefixed.safetensors"
+    save_safetensors({prefix + k: v for k, v in sd.items()}, path, {"fluxcore.distilled": "true"})
+    tr = models.load_transformer(path, backend="torch", device="cpu")
+    ref = models.load_transformer(demo["klein"], backend="torch", device="cpu")
+    assert tr.family.name == "klein" and tr.variant.name == ref.variant.name
+    assert all(torch.equal(v, ref.module.state_dict()[k]) for k, v in tr.module.state_dict().items())
 
 
 def test_wrong_file_in_the_wrong_slot_names_the_fix(demo):
@@ -81,7 +96,7 @@ def test_bad_inputs_are_clear_errors(demo):
         base = models.load_transformer(demo["klein_base"], backend="torch", device="cpu")
         pipeline.sample(base, cond, None, width=64, height=64)
     with pytest.raises(ConfigError, match="aspect ratio"):
-        pipeline.prepare_reference(Image.new("RGB", (1024, 64)))
+        pipeline.prepare_reference(Image.new("RGB", (1024, 64)), 16)
     # sizes that are not multiples of 16 are floored, as diffusers does
     res = pipeline.sample(tr, cond, width=70, height=50, seed=0)
     assert tuple(res.latent.shape[-2:]) == (3, 4)
@@ -97,10 +112,10 @@ def test_cli_reports_errors_without_a_traceback(demo, tmp_path, capsys):
 
 def test_reference_preparation_matches_diffusers_rules():
     big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1100, 1500, 3), dtype=np.uint8))
-    arr = pipeline.prepare_reference(big)
+    arr = pipeline.prepare_reference(big, 16)
     h, w = arr.shape[-2:]
     assert h % 16 == 0 and w % 16 == 0 and h * w <= 1024 * 1024 and w > h
-    kept = pipeline.prepare_reference(big, keep_size=True)
+    kept = pipeline.prepare_reference(big, 16, keep_size=True)
     assert kept.shape[-2:] == (1088, 1488)  # centre crop to a multiple of 16, no area cap
 
 

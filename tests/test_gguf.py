@@ -11,12 +11,11 @@ import pytest
 import torch
 
 import prequant_fixtures as PF
-from flux_core import demo, models, pipeline, prequant
-from flux_core.errors import WeightError
-from flux_core.models import LoadedModel
-from flux_core.text import QwenTokenizer, TextEncoder, layers_needed
+from flux_core import demo, models, pipeline
+from flux_core.errors import ConfigError, WeightError
+from flux_core.families import detect_family
 from flux_core.torch import gguf as TG
-from flux_core.variants import make_variant
+from flux_core.weights import prequant
 from flux_core.weights.io import save_safetensors
 
 try:
@@ -59,23 +58,12 @@ def gguf_pair(world, kind: str, qtype: str):
 
 
 def load_t(path, backend="torch"):
-    """A transformer LoadedModel from a plain or pre-quantized file."""
-    if prequant.detect(path) is None:
-        return models.load_transformer(path, backend=backend, dtype="float32")
-    qstate, meta, config, src = prequant.read(path)
-    fam = prequant.transformer_family(qstate)
-    module = prequant.load_module(backend, fam, qstate, config, "float32")
-    return LoadedModel("transformer", module, src, backend, "cpu", "float32", "gguf", make_variant(fam, True))
+    """A transformer, plain or pre-quantized: the loaders just accept the file."""
+    return models.load_transformer(path, backend=backend, dtype="float32")
 
 
 def load_te(path, tok, backend="torch"):
-    if prequant.detect(path) is None:
-        return models.load_text_encoder(path, str(tok), backend=backend, dtype="float32")
-    qstate, meta, config, src = prequant.read(path)
-    n = len({k.split(".")[1] for k in qstate if k.startswith("layers.")})
-    module = prequant.load_module(backend, "qwen3", qstate, config, "float32", max_layers=layers_needed("both", n))
-    te = TextEncoder(module, QwenTokenizer(tok), source_id=f"{src}|{backend}")
-    return LoadedModel("text_encoder", te, src, backend, "cpu", "float32", "gguf")
+    return models.load_text_encoder(path, str(tok), backend=backend, dtype="float32")
 
 
 def image(world, t, te, fam, backend="torch"):
@@ -146,9 +134,13 @@ def test_gguf_detection_and_names(world):
     assert "layers.3.self_attn.o_proj.weight" in qstate and "embed_tokens.weight" in qstate
     assert config["num_hidden_layers"] == 28 and config["rope_theta"] == 1e6
     kpath, _ = gguf_pair(world, "klein", "Q4_0")
-    assert prequant.detect(kpath) == "gguf" and prequant.transformer_family(prequant.read(kpath)[0]) == "klein"
+    assert prequant.detect(kpath) == "gguf" and detect_family(prequant.read(kpath)[0]).name == "klein"
     zpath, _ = gguf_pair(world, "zimage", "Q4_0")
-    assert prequant.transformer_family(prequant.read(zpath)[0]) == "zimage"
+    assert detect_family(prequant.read(zpath)[0]).name == "zimage"
+    t = load_t(kpath)
+    assert t.quantization == "gguf" and "Q4_0" in " ".join(t.notes) and t.variant.name.startswith("klein")
+    with pytest.raises(ConfigError, match="already quantized.*quantization 'none'"):
+        models.load_transformer(kpath, backend="torch", dtype="float32", quantization="int8")
 
 
 def test_foreign_architecture_is_refused(tmp_path):

@@ -9,7 +9,8 @@ import torch
 from flux_core.errors import WeightError
 from flux_core.torch.vae import Flux1VAE, Flux2VAE, config_from_weights
 from flux_core.weights import vae as W
-from flux_core.weights.keymap import check_strict, load_into_torch, shapes
+from flux_core.torch.common import load_into_torch
+from flux_core.weights.keymap import check_strict, shapes
 from refs import vae as R
 
 KINDS = {"flux2": Flux2VAE, "flux1": Flux1VAE}

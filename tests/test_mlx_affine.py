@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import prequant_fixtures as PF
-from flux_core import demo, models, pipeline, prequant
+from flux_core import demo
 from flux_core.errors import WeightError
+from flux_core.weights import prequant
 from flux_core.weights import klein as klein_keys, zimage as zimage_keys
 from flux_core.weights.io import save_safetensors
 
 mx = pytest.importorskip("mlx.core")
 import mlx.nn as mnn  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
 
 from test_gguf import image, load_t, load_te  # noqa: E402
 
@@ -63,12 +63,7 @@ def folder(world, kind: str, bits: int, group: int = 64, style: str = "mflux"):
 
 def _torch_state(path, kind):
     if kind == "qwen3":
-        from flux_core.torch.qwen3 import load_qwen3
-
-        if prequant.detect(path):
-            q, _, cfg, _ = prequant.read(path)
-            return prequant.load_module("torch", "qwen3", q, cfg, "float32").state_dict()
-        return load_qwen3(str(path)).state_dict()
+        return load_te(path, demo.write_byte_tokenizer(path.parent / "tok")).module.model.state_dict()
     return load_t(path).module.state_dict()
 
 

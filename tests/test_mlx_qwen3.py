@@ -141,7 +141,7 @@ def test_bfloat16_weights_bit_identical_and_as_accurate_as_torch(ckpt, torch_mod
     layers = (9, 27)
     truth = _run_torch(torch_model, ids, mask, layers)
     theirs = _run_torch(tb, ids, mask, layers)
-    ours = mb.forward_torch(ids, mask, output_layers=layers)
+    ours = mb.hidden_states(ids, mask, output_layers=layers)
     for o, t, f in zip(ours, theirs, truth):
         assert o.dtype == torch.bfloat16
         err_mlx, err_torch = rel_err(o.float(), f), rel_err(t.float(), f)
@@ -209,11 +209,3 @@ def test_text_encoder_zimage_embeddings(encoders):
     assert [tuple(o.shape) for o in ours] == [tuple(r.shape) for r in ref]
     assert ours[-1].shape[0] == MAX_LENGTH  # truncated like the pipeline
     assert max(rel_err(o, r) for o, r in zip(ours, ref)) <= TOL
-
-
-
-def test_text_encoder_both_from_one_pass(encoders):
-    ref_enc, enc = encoders
-    (k, z), (rk, rz) = enc.encode_both("one pass, two modes"), ref_enc.encode_both("one pass, two modes")
-    assert k.shape == rk.shape and z.shape == rz.shape
-    assert rel_err(k, rk) <= TOL and rel_err(z, rz) <= TOL

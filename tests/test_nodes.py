@@ -344,13 +344,14 @@ def test_memory_hooks_release_our_cache(demo, monkeypatch):
 
 
 def test_latent_helpers_roundtrip():
+    from flux_core.families import VAE_KINDS
     from nodes.common import from_comfy_latent, to_comfy_latent
 
     x = torch.randn(2, 16, 4, 5)
-    for fam in ("klein", "zimage"):
-        d = to_comfy_latent(x, fam)
-        assert rel_err(from_comfy_latent(d, fam), x) < 1e-6
-    d = to_comfy_latent(np.ones((1, 16, 2, 2), np.float32), "zimage")
+    for kind in VAE_KINDS.values():
+        d = to_comfy_latent(x, kind)
+        assert rel_err(from_comfy_latent(d, kind), x) < 1e-6
+    d = to_comfy_latent(np.ones((1, 16, 2, 2), np.float32), VAE_KINDS["flux1"])
     assert float(d["samples"][0, 0, 0, 0]) == pytest.approx(1 / 0.3611 + 0.1159)
 
 

@@ -157,7 +157,7 @@ def test_sample_with_quantized_model(paths, be, fam, mode):
     if be == "mlx":
         cond = Conditioning(cond.mode, to_mx(cond.embeds) if fam == "klein" else [to_mx(e) for e in cond.embeds],
                             cond.prompts)
-    got = pipeline._ops(be).to_numpy(pipeline.sample(q, cond, width=64, height=48, steps=2, seed=3).latent)
+    got = backend.impl(be, "runtime").to_numpy(pipeline.sample(q, cond, width=64, height=48, steps=2, seed=3).latent)
     want = pipeline.sample(full, _cond(fam), width=64, height=48, steps=2, seed=3).latent.numpy()
     assert got.shape == want.shape and np.isfinite(got).all()
     assert rel_err(got, want) < 2 * STEP_TOL[fam, mode]

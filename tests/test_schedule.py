@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flux_core import schedule
+from flux_core.families import FAMILIES
 from flux_core.errors import ConfigError
 
 
@@ -40,7 +41,7 @@ def test_klein_sigmas_equal_diffusers_and_bfl(steps, seq_len):
     np.testing.assert_allclose(ours, _bfl_schedule(steps, seq_len), rtol=0, atol=2e-6)
     # what the network is fed: diffusers passes (σ·1000 in float32) / 1000
     fed = [(t / 1000).to(torch.float32).item() for t in ref.timesteps]
-    assert [float(schedule.model_time(s, "klein")) for s in ours[:-1]] == fed
+    assert [float(FAMILIES["klein"].model_time(s)) for s in ours[:-1]] == fed
 
 
 def test_klein_mu_discontinuity():
@@ -63,7 +64,7 @@ def test_zimage_sigmas_equal_diffusers(steps):
     ours = schedule.zimage_sigmas(steps)
     np.testing.assert_array_equal(ours, s.sigmas.numpy())
     fed = [((1000 - t) / 1000).item() for t in s.timesteps]
-    assert [float(schedule.model_time(x, "zimage")) for x in ours[:-1]] == fed
+    assert [float(FAMILIES["zimage"].model_time(x)) for x in ours[:-1]] == fed
 
 
 def test_zimage_turbo_table():
@@ -86,8 +87,9 @@ def test_bad_steps_and_strength_are_clear_errors():
 
 def test_cfg_conventions():
     pos, neg = np.float32(2.0), np.float32(0.5)
-    assert schedule.cfg_combine(pos, neg, 4.0, "klein") == neg + 4.0 * (pos - neg)
-    assert schedule.cfg_combine(pos, neg, 4.0, "zimage") == pos + 4.0 * (pos - neg)
-    assert not schedule.uses_cfg("klein", 4.0, distilled=True)
-    assert schedule.uses_cfg("klein", 4.0, distilled=False) and not schedule.uses_cfg("klein", 1.0, distilled=False)
-    assert schedule.uses_cfg("zimage", 0.5, distilled=True) and not schedule.uses_cfg("zimage", 0.0, distilled=False)
+    klein, zimage = FAMILIES["klein"], FAMILIES["zimage"]
+    assert klein.cfg_combine(pos, neg, 4.0) == neg + 4.0 * (pos - neg)
+    assert zimage.cfg_combine(pos, neg, 4.0) == pos + 4.0 * (pos - neg)
+    assert not klein.uses_cfg(4.0, distilled=True)
+    assert klein.uses_cfg(4.0, distilled=False) and not klein.uses_cfg(1.0, distilled=False)
+    assert zimage.uses_cfg(0.5, distilled=True) and not zimage.uses_cfg(0.0, distilled=False)

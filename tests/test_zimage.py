@@ -8,7 +8,8 @@ import torch
 
 from conftest import rel_err
 from flux_core.errors import ConfigError, WeightError
-from flux_core.torch.zimage import (ZImageConfig, ZImageTransformer, axes_dims_for, load_zimage, patchify,
+from flux_core.configs import axes_dims_for
+from flux_core.torch.zimage import (ZImageConfig, ZImageTransformer, load_zimage, patchify,
                                     position_ids, unpatchify)
 from flux_core.weights import zimage as zkeys
 from flux_core.weights.io import Checkpoint, load_checkpoint, save_safetensors

@@ -23,17 +23,14 @@ Pitfalls:
 from __future__ import annotations
 
 import logging
-import os
-from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import ConfigError
-from ..torch.klein import KleinConfig  # the config dataclass is shared (no torch use at call time)
+from ..configs import KleinConfig, klein_position_ids, klein_text_ids
 from ..weights import klein as klein_keys
-from ..weights.io import Checkpoint, load_checkpoint
+from ..weights.io import as_checkpoint
 from .common import (F32, SiLU, apply_rope, as_ids, as_time, attention as sdpa, axis_angles, layer_norm,
                      load_into_mlx, mx_dtype, silu, timestep_embedding)
 
@@ -248,14 +245,7 @@ def load_klein(path_or_checkpoint, dtype="float32", consume: bool = False) -> Fl
     """Load a klein transformer from a BFL / ComfyUI .safetensors file, a diffusers transformer folder, a pipeline
     folder (its `transformer/`), a `Checkpoint` or a plain state dict. dtype: 'bfloat16' | 'float16' | 'float32'.
     consume=True empties a given Checkpoint's `sd` while converting (peak memory: one model, not two)."""
-    if isinstance(path_or_checkpoint, Checkpoint):
-        ckpt = path_or_checkpoint
-    elif isinstance(path_or_checkpoint, Mapping):
-        ckpt = Checkpoint(dict(path_or_checkpoint), None, {}, "<state dict>")
-    elif isinstance(path_or_checkpoint, (str, os.PathLike)):
-        ckpt = load_checkpoint(path_or_checkpoint, component="transformer")
-    else:
-        raise ConfigError(f"load_klein: expected a path, a Checkpoint or a state dict, got {type(path_or_checkpoint)}")
+    ckpt = as_checkpoint(path_or_checkpoint, component="transformer")
     sd = klein_keys.to_native(ckpt.sd)
     cfg = KleinConfig.from_state_dict(sd, ckpt.config)
     logger.debug("klein transformer (mlx) %s: %s", ckpt.source, cfg)
@@ -294,19 +284,5 @@ def rope_table(img_ids, txt_ids, axes_dim, theta) -> mx.array:
     return table
 
 
-def position_ids(h: int, w: int, t: int = 0) -> np.ndarray:
-    """Ids of an h x w grid of packed latent tokens, row-major: (t, row, col, 0). t = 0 for the noise image,
-    10, 20, ... for reference images (REFERENCE 1.4). int64 [h*w, 4]."""
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    ids = np.zeros((h * w, 4), dtype=np.int64)
-    ids[:, 0] = t
-    ids[:, 1] = rows.reshape(-1)
-    ids[:, 2] = cols.reshape(-1)
-    return ids
-
-
-def text_ids(n: int) -> np.ndarray:
-    """Ids of n text tokens: (0, 0, 0, l) for l = 0..n-1 (padding positions included). int64 [n, 4]."""
-    ids = np.zeros((n, 4), dtype=np.int64)
-    ids[:, 3] = np.arange(n)
-    return ids
+position_ids = klein_position_ids  # numpy ids, shared with the torch path (flux_core/configs.py)
+text_ids = klein_text_ids

@@ -15,6 +15,7 @@ activation and scale dtypes); in float32 every mapping above is exact, in bfloat
 """
 from __future__ import annotations
 
+import importlib
 import logging
 
 import mlx.core as mx
@@ -22,7 +23,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..errors import ConfigError, WeightError
+from ..errors import WeightError
+from ..weights import prequant
 from ..weights.keymap import check_strict
 from ..weights.qstate import Lazy, QWeight, layer_of, quantized_layers
 from . import quant as Q
@@ -32,27 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def build(kind: str, qstate: dict, config: dict | None, max_layers: int | None = None):
-    if kind == "klein":
-        from ..weights import klein as keys
-        from .klein import Flux2Transformer, KleinConfig
-
-        sd = keys.to_native(qstate)
-        return Flux2Transformer(KleinConfig.from_state_dict(sd, config)), sd
-    if kind == "zimage":
-        from ..weights import zimage as keys
-        from .zimage import ZImageConfig, ZImageTransformer
-
-        sd = keys.to_native(qstate)
-        return ZImageTransformer(ZImageConfig.from_state_dict(sd, config)), sd
-    if kind == "qwen3":
-        from ..weights import qwen3 as keys
-        from .qwen3 import Qwen3Config, Qwen3Encoder
-
-        sd = keys.to_native(qstate)
-        cfg = Qwen3Config.from_state_dict(sd, config)
-        n = cfg.num_layers if max_layers is None else min(int(max_layers), cfg.num_layers)
-        return Qwen3Encoder(cfg, max_layers=n), keys.drop_unused(sd, n, keep_norm=n == cfg.num_layers)
-    raise ConfigError(f"unknown model kind {kind!r}: one of klein, zimage, qwen3")
+    """The MLX model for `kind` (a family's module or "qwen3"), initial weights lazy and never evaluated."""
+    cls_name, cfg, sd, kwargs = prequant.plan(kind, qstate, config, max_layers)
+    return getattr(importlib.import_module(f".{kind}", __package__), cls_name)(cfg, **kwargs), sd
 
 
 def load_qstate(kind: str, qstate: dict, config: dict | None, dtype="float32", max_layers: int | None = None,

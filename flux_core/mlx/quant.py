@@ -24,9 +24,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..configs import BLOCK_CONTAINERS
 from ..errors import ConfigError
 
-BLOCK_CONTAINERS = ("double_blocks", "single_blocks", "layers", "noise_refiner", "context_refiner")
 MODULATION_CONTAINERS = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
 SKIP_NAMES = ("modulation",)
 GROUP = 64

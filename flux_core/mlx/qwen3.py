@@ -10,7 +10,7 @@ Architecture (Qwen3-4B; Qwen3-8B for klein-9B in brackets):
   attention: 32 query heads, 8 KV heads (GQA x4, grouped, K/V never repeated), head_dim 128, no biases, per-head
              RMSNorm on q and k BEFORE rotate-half RoPE (theta 1e6). MLP 9728 [12288] SwiGLU. RMSNorm eps 1e-6.
 
-`TextEncoder` (flux_core/text.py) keeps its prompt caches as torch tensors: `forward_torch` is the torch-facing entry
+`TextEncoder` (flux_core/text.py) keeps its prompt caches as torch tensors: `hidden_states` is the torch-facing entry (the torch twin has the same method)
 (torch ids in, torch CPU tensors out, bf16 bits moved exactly); `__call__` is the pure-MLX forward.
 
 Pitfalls:
@@ -32,18 +32,17 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError
-from ..torch.qwen3 import Qwen3Config  # the config dataclass is shared (pure Python)
+from ..configs import Qwen3Config
 from ..weights import qwen3 as qwen3_keys
-from ..weights.io import Checkpoint, load_checkpoint
+from ..weights.io import as_checkpoint
 from .common import F32, load_into_mlx, mx_dtype, silu
 
 log = logging.getLogger(__name__)
@@ -130,16 +129,8 @@ class Qwen3Encoder(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def resolve_layer(self, k: int) -> int:
-        """HF hidden_states index (negatives count from the end of the FULL model's tuple) -> 0..num_layers."""
-        total = self.config.num_layers + 1
-        i = k + total if k < 0 else k
-        if not 0 <= i < total:
-            raise ConfigError(f"hidden-state index {k} is out of range for a {self.config.num_layers}-layer Qwen3")
-        if i > self.n_built or (i == self.config.num_layers and self.norm is None):
-            what = f"{i} Qwen3 layers" + (" and the final norm" if i == total - 1 else "")
-            raise ConfigError(f"hidden-state index {k} needs {what}, but this encoder was loaded with only "
-                              f"{self.n_built}: load it with max_layers >= {i}")
-        return i
+        """HF hidden_states index -> 0..num_layers (configs.Qwen3Config.resolve_layer)."""
+        return self.config.resolve_layer(k, self.n_built, self.norm is not None)
 
     def __call__(self, input_ids, attention_mask=None, output_layers: Sequence[int] = (-1,)) -> list[mx.array]:
         """input_ids [B, S] and attention_mask [B, S] (1 = real token) as mx, numpy or torch -> lazy mx arrays."""
@@ -163,9 +154,9 @@ class Qwen3Encoder(nn.Module):
             taps[last] = self.norm(x)
         return [taps[i] for i in want]
 
-    def forward_torch(self, input_ids, attention_mask=None, output_layers: Sequence[int] = (-1,)) -> list:
-        """The torch-facing forward `TextEncoder` uses: torch (or numpy) ids in, torch CPU tensors in the model dtype
-        out, evaluated in one `mx.eval`."""
+    def hidden_states(self, input_ids, attention_mask=None, output_layers: Sequence[int] = (-1,)) -> list:
+        """The entry `TextEncoder` uses on both backends: torch (or numpy) ids in, torch CPU tensors in the model
+        dtype out, evaluated in one `mx.eval`."""
         outs = self(input_ids, attention_mask, output_layers)
         mx.eval(outs)
         return [_to_torch(o) for o in outs]
@@ -177,14 +168,7 @@ def load_qwen3(path_or_checkpoint, dtype="float32", max_layers: int | None = Non
     converted to mx once). dtype: 'bfloat16' | 'float16' | 'float32'.
 
     Only the first `max_layers` decoder layers are built and loaded (the rest of the file is skipped on purpose)."""
-    if isinstance(path_or_checkpoint, Checkpoint):
-        ckpt = path_or_checkpoint
-    elif isinstance(path_or_checkpoint, Mapping):
-        ckpt = Checkpoint(dict(path_or_checkpoint), None, {}, "<state dict>")
-    elif isinstance(path_or_checkpoint, (str, os.PathLike)):
-        ckpt = load_checkpoint(path_or_checkpoint, component="text_encoder")
-    else:
-        raise ConfigError(f"load_qwen3: expected a path, a Checkpoint or a state dict, got {type(path_or_checkpoint)}")
+    ckpt = as_checkpoint(path_or_checkpoint, component="text_encoder")
     sd = qwen3_keys.to_native(ckpt.sd)
     cfg = Qwen3Config.from_state_dict(sd, ckpt.config)
     n = cfg.num_layers if max_layers is None else min(int(max_layers), cfg.num_layers)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .. import schedule
 from .common import F32, to_mx, to_numpy as _to_numpy
 
 
@@ -50,10 +49,8 @@ def initial_latent(noise, init_latent, sigma, model) -> mx.array:
 def make_denoiser(model, cond, uncond, guidance: float, batch: int, h: int, w: int):
     device = mx.gpu if model.device == "gpu" else mx.cpu
     with mx.stream(device):
-        if model.family == "klein":
-            step, consts = _klein_step(model.module, cond, uncond, guidance, batch, h, w)
-        else:
-            step, consts = _zimage_step(model.module, cond, uncond, guidance, batch, h, w)
+        make = globals()[f"_{model.family.module}_step"]  # the family's step below
+        step, consts = make(model.module, model.family, cond, uncond, guidance, batch, h, w)
         mx.eval(consts)  # every constant of the compiled step is concrete before tracing
     compiled = mx.compile(step)
 
@@ -75,7 +72,7 @@ def unpack(tokens: mx.array, h: int, w: int) -> mx.array:
     return tokens.transpose(0, 2, 1).reshape(b, c, h, w)
 
 
-def _klein_step(net, cond, uncond, guidance, batch, h, w):
+def _klein_step(net, family, cond, uncond, guidance, batch, h, w):
     from .klein import position_ids, text_ids
 
     dt = net.dtype
@@ -108,30 +105,31 @@ def _klein_step(net, cond, uncond, guidance, batch, h, w):
         ts = mx.broadcast_to(t, (rows,))  # σ stays float32, as on the torch path (see torch/klein.py)
         v = net(tokens, None, txt, None, ts, pe=pe)[:, :n_noise].astype(F32)
         if rows != batch:
-            v = schedule.cfg_combine(v[:batch], v[batch:], guidance, "klein")
-        return unpack(v, h, w)
+            v = family.cfg_combine(v[:batch], v[batch:], guidance)
+        return unpack(family.velocity(v), h, w)
 
     return step, [c for c in (txt, ref_tokens, pe) if c is not None]
 
 
-def _zimage_step(net, cond, uncond, guidance, batch, h, w):
+def _zimage_step(net, family, cond, uncond, guidance, batch, h, w):
     dt = net.dtype
     caps = _caption_arrays(cond.embeds, dt)
-    negs = _caption_arrays(uncond.embeds, dt) if uncond is not None else None
-    rope_pos = net.make_rope([c.shape[0] for c in caps], h, w)  # once per generation (sizes only)
-    rope_neg = net.make_rope([c.shape[0] for c in negs], h, w) if negs is not None else None
+    if uncond is not None:  # CFG: one forward over [positive; negative] captions (padded and masked per row)
+        caps += _caption_arrays(uncond.embeds, dt)
+    rows = len(caps)
+    rope = net.make_rope([c.shape[0] for c in caps], h, w)  # once per generation (sizes only)
 
     def step(x, t):
         xin = x.astype(dt)
-        ts = mx.broadcast_to(t.astype(F32), (batch,))
-        out = net(xin, ts, caps, rope_cache=rope_pos).astype(F32)
-        if negs is not None:
-            out_neg = net(xin, ts, negs, rope_cache=rope_neg).astype(F32)
-            out = schedule.cfg_combine(out, out_neg, guidance, "zimage")
-        return -out  # Z-Image predicts x0 − noise (REFERENCE §0.6)
+        if rows != batch:
+            xin = mx.concatenate([xin, xin], 0)
+        ts = mx.broadcast_to(t.astype(F32), (rows,))
+        out = net(xin, ts, caps, rope_cache=rope).astype(F32)
+        if rows != batch:
+            out = family.cfg_combine(out[:batch], out[batch:], guidance)
+        return family.velocity(out)  # Z-Image predicts x0 − noise: v is its negation
 
-    consts = caps + (negs or []) + rope_pos.arrays() + (rope_neg.arrays() if rope_neg else [])
-    return step, consts
+    return step, caps + rope.arrays()
 
 
 def _caption_arrays(embeds, dtype) -> list:

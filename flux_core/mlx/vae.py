@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,8 +34,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..errors import ConfigError
-from ..torch.vae import GN_EPS, VAEConfig, config_from_weights  # shared config (no torch use at call time)
-from ..weights.io import Checkpoint, load_checkpoint
+from ..configs import GN_EPS, VAEConfig, config_from_weights
+from ..weights.io import as_checkpoint
 from ..weights.keymap import check_strict, shapes
 from ..weights.vae import detect_kind, to_native
 from .common import F32, load_into_mlx, mx_dtype, silu, to_mx
@@ -319,14 +317,7 @@ def load_vae(source, dtype="float32", norm_num_groups: int | None = None) -> Flu
     `Checkpoint` or a state dict (torch tensors of any dtype, converted to mx once). The kind comes from the keys
     (`bn.running_mean` => FLUX.2), the structure from the shapes, the group count from `norm_num_groups`, else
     config.json / the safetensors metadata `config`, else 32. dtype: 'bfloat16' | 'float16' | 'float32'."""
-    if isinstance(source, Checkpoint):
-        ckpt = source
-    elif isinstance(source, Mapping):
-        ckpt = Checkpoint(dict(source))
-    elif isinstance(source, (str, os.PathLike)):
-        ckpt = load_checkpoint(source, component="vae")
-    else:
-        raise ConfigError(f"load_vae: expected a path, a Checkpoint or a state dict, got {type(source)}")
+    ckpt = as_checkpoint(source, component="vae")
     sd = to_native(ckpt.sd)
     kind = detect_kind(sd)
     cfg = config_from_weights(sd, kind, ckpt.config, norm_num_groups)

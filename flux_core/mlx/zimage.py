@@ -30,15 +30,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..errors import ConfigError
-from ..torch.zimage import SEQ_MULTIPLE, ZImageConfig  # the config dataclass is shared (no torch use at call time)
-from ..weights.io import Checkpoint, load_checkpoint
+from ..configs import FREQ_DIM, ZImageConfig, caption_list, check_rope_cache, zimage_position_ids
+from ..weights import zimage as zkeys
+from ..weights.io import as_checkpoint
 from .common import (F32, SiLU, apply_rope, as_time, attention, axis_angles, layer_norm, load_into_mlx, mx_dtype,
                      silu, timestep_embedding)
 
 logger = logging.getLogger(__name__)
 
-FREQ_DIM = 256  # sinusoidal timestep embedding width
 
 __all__ = ["ZImageConfig", "ZImageTransformer", "ZImageRope", "load_zimage", "position_ids", "rope_angles"]
 
@@ -160,9 +159,7 @@ class ZImageRope:
     cap_padded: tuple = field(default=())  # Lp_i = ceil32(L_i)
 
     def check(self, cap_lens: Sequence[int], height: int, width: int) -> None:
-        if tuple(cap_lens) != self.cap_lens or (height, width) != (self.height, self.width):
-            raise ConfigError(f"rope_cache was built for captions {self.cap_lens} at {self.height}x{self.width} "
-                              f"latent, but the inputs are {tuple(cap_lens)} at {height}x{width}")
+        check_rope_cache(self, cap_lens, height, width)
 
     def arrays(self) -> list:
         return [a for a in (*self.img, *self.cap, *self.joint, self.cap_mask, self.joint_mask) if a is not None]
@@ -192,7 +189,7 @@ class ZImageTransformer(nn.Module):
         Returns the raw prediction [B, C, H, W] (~ x0 - noise; the sampler negates it) in x's dtype."""
         cfg = self.config
         B, C, H, W = x.shape
-        caps = _caption_list(cap_feats, B, cfg.cap_feat_dim)
+        caps = caption_list(cap_feats, B, cfg.cap_feat_dim)
         cap_lens = [c.shape[0] for c in caps]
         rope = self.make_rope(cap_lens, H, W) if rope_cache is None else rope_cache
         rope.check(cap_lens, H, W)
@@ -272,11 +269,7 @@ def load_zimage(path_or_checkpoint, dtype="float32", consume: bool = False) -> Z
     """Load a Z-Image transformer from a single file (original / ComfyUI layout, any prefix), a diffusers folder, a
     pipeline folder (its `transformer/`), or a `Checkpoint`. dtype: 'bfloat16' | 'float16' | 'float32'.
     consume=True empties a given Checkpoint's `sd` while converting (peak memory: one model, not two)."""
-    from ..weights import zimage as zkeys
-
-    ckpt = path_or_checkpoint
-    if not isinstance(ckpt, Checkpoint):
-        ckpt = load_checkpoint(ckpt, component="transformer")
+    ckpt = as_checkpoint(path_or_checkpoint, component="transformer")
     sd = zkeys.to_native(ckpt.sd)
     config = ZImageConfig.from_state_dict(sd, ckpt.config)
     model = ZImageTransformer(config)  # initial weights stay lazy and are never evaluated: replaced below
@@ -291,17 +284,8 @@ def load_zimage(path_or_checkpoint, dtype="float32", consume: bool = False) -> Z
 
 
 def position_ids(cap_padded: int, h_tokens: int, w_tokens: int):
-    """(caption ids [Lp, 3], image ids [Np, 3]) int64 numpy. Caption slot j -> (1+j, 0, 0) for all Lp slots (pads
-    too); image patch (h, w) -> (Lp+1, h, w), row-major; image pad tokens -> (0, 0, 0). REFERENCE §2.3."""
-    cap = np.zeros((cap_padded, 3), dtype=np.int64)
-    cap[:, 0] = np.arange(1, cap_padded + 1)
-    n = h_tokens * w_tokens
-    img = np.zeros((_ceil(n), 3), dtype=np.int64)
-    hh, ww = np.meshgrid(np.arange(h_tokens), np.arange(w_tokens), indexing="ij")
-    img[:n, 0] = cap_padded + 1
-    img[:n, 1] = hh.reshape(-1)
-    img[:n, 2] = ww.reshape(-1)
-    return cap, img
+    """(caption ids [Lp, 3], image ids [Np, 3]) int64 numpy (configs.zimage_position_ids)."""
+    return zimage_position_ids(cap_padded, h_tokens, w_tokens)
 
 
 def rope_angles(ids: np.ndarray, axes_dims: Sequence[int], theta: float) -> np.ndarray:
@@ -323,20 +307,4 @@ def unpatchify(tokens, H: int, W: int, p: int):
     return tokens.reshape(B, H // p, W // p, p, p, C).transpose(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
 
-def _ceil(n: int) -> int:
-    return -(-n // SEQ_MULTIPLE) * SEQ_MULTIPLE
 
-
-def _caption_list(cap_feats, batch: int, cap_dim: int) -> list:
-    if isinstance(cap_feats, mx.array):
-        if cap_feats.ndim != 3:
-            raise ConfigError(f"cap_feats must be [B, L, {cap_dim}] or a list of [L, {cap_dim}], got "
-                              f"{tuple(cap_feats.shape)}")
-        cap_feats = [cap_feats[i] for i in range(cap_feats.shape[0])]
-    caps = list(cap_feats)
-    if len(caps) != batch:
-        raise ConfigError(f"got {len(caps)} captions for a batch of {batch} latents")
-    for c in caps:
-        if c.ndim != 2 or c.shape[-1] != cap_dim:
-            raise ConfigError(f"each caption must be [L, {cap_dim}] (Qwen3 hidden states), got {tuple(c.shape)}")
-    return caps

@@ -30,6 +30,7 @@ from ..errors import WeightError
 from ..weights.gguf import SIZES
 
 QK_K = 256
+SUB16 = 16   # Q6_K / Q3_K / Q2_K: 16 sub-blocks of 16 weights
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
@@ -119,10 +120,10 @@ def _q5_k(b):
 def _q6_k(b):
     n = b.shape[0]
     ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
-    dl = (d * scales.contiguous().view(torch.int8).float()).reshape(n, QK_K // 16, 1)
+    dl = (d * scales.contiguous().view(torch.int8).float()).reshape(n, SUB16, 1)
     low = _nibbles(ql, n, 64).reshape(n, -1, 32)
     high = _bits(qh.reshape(n, -1, 32), range(0, 8, 2), 3).reshape(n, -1, 32)
-    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, QK_K // 16, -1).float()
+    q = ((low | (high << 4)).to(torch.int8) - 32).reshape(n, SUB16, -1).float()
     return (dl * q).reshape(n, QK_K)
 
 

@@ -28,91 +28,17 @@ Pitfalls:
 from __future__ import annotations
 
 import logging
-import math
-import os
-import re
-from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, WeightError
+from ..configs import KleinConfig, klein_position_ids, klein_text_ids
 from ..weights import klein as klein_keys
-from ..weights.io import Checkpoint, load_checkpoint
-from ..weights.keymap import load_into_torch
+from ..weights.io import as_checkpoint
+from .common import load_into_torch, timestep_embedding
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class KleinConfig:
-    """Defaults are klein-4B (BFL / diffusers published config)."""
-
-    in_channels: int = 128
-    out_channels: int = 128
-    hidden_size: int = 3072
-    num_heads: int = 24
-    head_dim: int = 128
-    depth: int = 5            # double-stream blocks
-    depth_single: int = 20    # single-stream blocks
-    context_in_dim: int = 7680
-    time_dim: int = 256       # sinusoid width fed to time_in
-    mlp_ratio: float = 3.0
-    axes_dim: tuple = (32, 32, 32, 32)
-    theta: float = 2000.0
-    eps: float = 1e-6
-    guidance_embed: bool = False
-
-    def __post_init__(self):
-        self.axes_dim = tuple(int(a) for a in self.axes_dim)
-        if self.num_heads * self.head_dim != self.hidden_size:
-            raise ConfigError(f"hidden_size {self.hidden_size} != num_heads {self.num_heads} x head_dim {self.head_dim}")
-        if sum(self.axes_dim) != self.head_dim or any(a % 2 for a in self.axes_dim):
-            raise ConfigError(f"RoPE axes {self.axes_dim} must be even and sum to head_dim {self.head_dim}")
-
-    @property
-    def mlp_hidden(self) -> int:
-        v = self.hidden_size * self.mlp_ratio   # diffusers: int(); the round() guards ratios derived from shapes
-        return round(v) if abs(v - round(v)) < 1e-6 else int(v)
-
-    @classmethod
-    def from_state_dict(cls, sd: Mapping, config_json: Mapping | None = None) -> "KleinConfig":
-        """From a diffusers config.json when given, else from the shapes of a native (BFL-layout) state dict."""
-        if klein_keys.is_flux2_config(config_json):
-            return cls(**klein_keys.config_from_diffusers(config_json))
-
-        def shape(key):
-            if key not in sd:
-                raise WeightError(f"not a FLUX.2 transformer: missing {key}")
-            return tuple(sd[key].shape)
-
-        hidden, in_channels = shape("img_in.weight")
-        first = "double_blocks.0.img_attn" if "double_blocks.0.img_attn.qkv.weight" in sd else "single_blocks.0"
-        head_dim = shape(f"{first}.norm.query_norm.scale")[0]
-        if "double_blocks.0.img_mlp.0.weight" in sd:
-            mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0] // 2      # [a | b] of the SwiGLU
-        else:
-            mlp_hidden = shape("single_blocks.0.linear2.weight")[1] - hidden    # [attn | mlp] columns
-        if hidden % head_dim or head_dim % 8:
-            raise WeightError(f"hidden size {hidden} / head dim {head_dim} from the checkpoint do not fit FLUX.2")
-        return cls(
-            in_channels=in_channels,
-            out_channels=shape("final_layer.linear.weight")[0],
-            hidden_size=hidden,
-            num_heads=hidden // head_dim,
-            head_dim=head_dim,
-            depth=_count_blocks(sd, "double_blocks"),
-            depth_single=_count_blocks(sd, "single_blocks"),
-            context_in_dim=shape("txt_in.weight")[1],
-            time_dim=shape("time_in.in_layer.weight")[1],
-            mlp_ratio=mlp_hidden / hidden,
-            axes_dim=(head_dim // 4,) * 4,   # BFL / ComfyUI fix 4 equal axes (32 each for head_dim 128)
-            theta=2000.0,
-            eps=1e-6,
-            guidance_embed="guidance_in.in_layer.weight" in sd,
-        )
 
 
 # ------------------------------------------------------------------------------------------------ small blocks
@@ -302,14 +228,7 @@ class Flux2Transformer(nn.Module):
 def load_klein(path_or_checkpoint, dtype=torch.float32, device="cpu") -> Flux2Transformer:
     """Load a klein transformer from a BFL / ComfyUI .safetensors file, a diffusers transformer folder, a pipeline
     folder (its `transformer/`), a `Checkpoint` or a plain state dict. Built on the meta device, loaded strictly."""
-    if isinstance(path_or_checkpoint, Checkpoint):
-        ckpt = path_or_checkpoint
-    elif isinstance(path_or_checkpoint, Mapping):
-        ckpt = Checkpoint(dict(path_or_checkpoint), None, {}, "<state dict>")
-    elif isinstance(path_or_checkpoint, (str, os.PathLike)):
-        ckpt = load_checkpoint(path_or_checkpoint, component="transformer")
-    else:
-        raise ConfigError(f"load_klein: expected a path, a Checkpoint or a state dict, got {type(path_or_checkpoint)}")
+    ckpt = as_checkpoint(path_or_checkpoint, component="transformer")
     sd = klein_keys.to_native(ckpt.sd)
     cfg = KleinConfig.from_state_dict(sd, ckpt.config)
     logger.debug("klein transformer %s: %s", ckpt.source, cfg)
@@ -330,10 +249,6 @@ def _modulate(x, shift, scale, eps):
     return (1 + scale) * F.layer_norm(x, (x.shape[-1],), eps=eps) + shift
 
 
-def _count_blocks(sd: Mapping, name: str) -> int:
-    pat = re.compile(rf"^{name}\.(\d+)\.")
-    idx = {int(m.group(1)) for k in sd if (m := pat.match(k))}
-    return max(idx) + 1 if idx else 0   # a gap shows up later as missing keys in the strict load
 
 
 def attention(q, k, v, pe):
@@ -368,27 +283,10 @@ def rope_table(img_ids, txt_ids, axes_dim, theta):
     return torch.stack([angles.cos(), angles.sin()], dim=-1).to(torch.float32).to(device)
 
 
-def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
-    """t [B] (already x1000) -> float32 [B, dim] = [cos(t f_k) | sin(t f_k)], f_k = max_period^(-k/(dim/2))."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
 def position_ids(h: int, w: int, t: int = 0) -> torch.Tensor:
-    """Ids of an h x w grid of packed latent tokens, row-major: (t, row, col, 0). t = 0 for the noise image,
-    10, 20, ... for reference images (REFERENCE 1.4). int64 [h*w, 4]."""
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ids = torch.zeros(h * w, 4, dtype=torch.long)
-    ids[:, 0] = t
-    ids[:, 1] = rows.reshape(-1)
-    ids[:, 2] = cols.reshape(-1)
-    return ids
+    """klein latent-token ids as a torch int64 tensor [h*w, 4] (see configs.klein_position_ids)."""
+    return torch.from_numpy(klein_position_ids(h, w, t))
 
 
 def text_ids(n: int) -> torch.Tensor:
-    """Ids of n text tokens: (0, 0, 0, l) for l = 0..n-1 (padding positions included). int64 [n, 4]."""
-    ids = torch.zeros(n, 4, dtype=torch.long)
-    ids[:, 3] = torch.arange(n)
-    return ids
+    return torch.from_numpy(klein_text_ids(n))

@@ -11,6 +11,7 @@ load-time quantizer (so the file is bit-identical to quantizing at load), save w
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -19,43 +20,22 @@ import torch.nn as nn
 
 from ..errors import ConfigError, WeightError
 from ..weights import qfile
+from ..weights import prequant
 from ..weights.keymap import check_strict
 from ..weights.qstate import Lazy, QWeight, quantized_layers
 from . import quant as Q
 
 log = logging.getLogger(__name__)
-KINDS = ("klein", "zimage", "qwen3")
 
 
 # ------------------------------------------------------------------------------------------------ loading
 
 def build(kind: str, qstate: dict, config: dict | None, max_layers: int | None = None) -> tuple[nn.Module, dict]:
-    """The model on the meta device for `kind`, sized from the QState's shapes; returns (model, the keys it uses)."""
-    if kind == "klein":
-        from ..weights import klein as keys
-        from .klein import Flux2Transformer, KleinConfig
-
-        sd = keys.to_native(qstate)
-        with torch.device("meta"):
-            return Flux2Transformer(KleinConfig.from_state_dict(sd, config)), sd
-    if kind == "zimage":
-        from ..weights import zimage as keys
-        from .zimage import ZImageConfig, ZImageTransformer
-
-        sd = keys.to_native(qstate)
-        with torch.device("meta"):
-            return ZImageTransformer(ZImageConfig.from_state_dict(sd, config)), sd
-    if kind == "qwen3":
-        from ..weights import qwen3 as keys
-        from .qwen3 import Qwen3Config, Qwen3Encoder
-
-        sd = keys.to_native(qstate)
-        cfg = Qwen3Config.from_state_dict(sd, config)
-        n = cfg.num_layers if max_layers is None else min(int(max_layers), cfg.num_layers)
-        sd = keys.drop_unused(sd, n, keep_norm=n == cfg.num_layers)
-        with torch.device("meta"):
-            return Qwen3Encoder(cfg, max_layers=n), sd
-    raise ConfigError(f"unknown model kind {kind!r}: one of {', '.join(KINDS)}")
+    """The model on the meta device for `kind` (a family's module or "qwen3"), sized from the QState's shapes;
+    returns (model, the QState in our layout)."""
+    cls_name, cfg, sd, kwargs = prequant.plan(kind, qstate, config, max_layers)
+    with torch.device("meta"):
+        return getattr(importlib.import_module(f".{kind}", __package__), cls_name)(cfg, **kwargs), sd
 
 
 def load_qstate(kind: str, qstate: dict, config: dict | None, dtype=torch.float32, device="cpu",
@@ -144,7 +124,7 @@ def load_file(path, dtype=torch.float32, device="cpu", max_layers: int | None = 
     """Our quantized file -> (torch model with QuantLinear layers, metadata)."""
     qstate, meta, config = qfile.read(path)
     kind = meta.get("fluxcore.family", "")
-    if kind not in KINDS:
+    if kind not in prequant.MODEL_CLASSES:
         raise WeightError(f"{path}: unknown fluxcore.family {kind!r} in the metadata")
     model = load_qstate(kind, qstate, config, dtype, device, max_layers, f"quantized {kind} ({Path(path).name})")
     return model, meta
@@ -157,34 +137,30 @@ def quantize_file(source, output, mode: str, component: str = "transformer") -> 
 
     The model is loaded at the source's own float precision on the CPU and quantized by `quant.quantize_model`,
     the load-time quantizer, so the stored codes equal quantizing the same source at load."""
-    from ..variants import detect_family
+    from ..families import detect_family
     from ..weights.io import load_checkpoint, save_safetensors
+    from . import loaders
 
     if mode not in Q.MODES:
         raise ConfigError(f"unknown quantization {mode!r}: choose one of {', '.join(Q.MODES)}")
     if component not in ("transformer", "text_encoder"):
         raise ConfigError(f"component must be transformer or text_encoder, not {component!r}")
-    if qfile.is_quantized_file(source) or str(source).endswith(".gguf"):
-        raise ConfigError(f"{source} is already quantized: quantize the full-precision file")
     ckpt = load_checkpoint(source, component=component)
+    if ckpt.metadata.get("fluxcore.prequantized"):
+        raise ConfigError(f"{source} is already quantized ({ckpt.metadata['fluxcore.prequantized']}): quantize the "
+                          "full-precision file")
     src_dtype = _main_float_dtype(ckpt.sd)
+    dtype_name = str(src_dtype).replace("torch.", "")
     if component == "transformer":
-        family = detect_family(ckpt.sd)
-        if family == "klein":
-            from .klein import load_klein as load
-        else:
-            from .zimage import load_zimage as load
-        model = load(ckpt, dtype=src_dtype)
+        fam = detect_family(ckpt.sd)
+        family, model = fam.name, loaders.load_transformer(fam, ckpt, dtype_name, "cpu")
     else:
-        from .qwen3 import load_qwen3
-
-        family, model = "qwen3", load_qwen3(ckpt, dtype=src_dtype)
+        family, model = "qwen3", loaders.load_qwen3(ckpt, dtype_name, "cpu")
     ckpt.sd.clear()
     n = Q.quantize_model(model, mode)
     layers = [name for name, m in model.named_modules() if isinstance(m, Q.QuantLinear)]
     extra = {k: v for k, v in ckpt.metadata.items() if k == "fluxcore.distilled"}
-    meta = qfile.make_metadata(mode, component, family, layers, str(src_dtype).replace("torch.", ""),
-                               ckpt.config, extra)
+    meta = qfile.make_metadata(mode, component, family, layers, dtype_name, ckpt.config, extra)
     sd = model.state_dict()
     save_safetensors(sd, output, meta)
     size = Path(output).stat().st_size

@@ -28,66 +28,18 @@ Pitfalls:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, WeightError
+from ..configs import Qwen3Config
+from ..errors import ConfigError
 from ..weights import qwen3 as qwen3_keys
-from ..weights.io import Checkpoint, load_checkpoint
-from ..weights.keymap import load_into_torch
-
-
-@dataclass
-class Qwen3Config:
-    """Qwen3-4B defaults. `from_state_dict` reads every size from tensor shapes, theta/eps from config.json."""
-
-    vocab_size: int = 151936
-    hidden_size: int = 2560
-    intermediate_size: int = 9728
-    num_hidden_layers: int = 36
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 8
-    head_dim: int = 128
-    rope_theta: float = 1e6
-    rms_norm_eps: float = 1e-6
-
-    @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
-
-    @classmethod
-    def from_state_dict(cls, sd: Mapping, config_json: dict | None = None) -> "Qwen3Config":
-        """Detect the geometry from a state dict in OUR layout (see weights/qwen3.to_native); shapes only, so meta
-        tensors work. config.json supplies rope_theta / rms_norm_eps and is cross-checked against the shapes."""
-        def shape(key):
-            if key not in sd:
-                raise WeightError(f"Qwen3 text encoder: key {key!r} not found; is this a Qwen3 checkpoint? "
-                                  f"(first keys: {sorted(sd)[:5]})")
-            return tuple(sd[key].shape)
-
-        vocab, hidden = shape("embed_tokens.weight")
-        head_dim = shape("layers.0.self_attn.q_norm.weight")[0]
-        layers = {qwen3_keys.layer_index(k) for k in sd} - {None}
-        if layers != set(range(len(layers))):
-            missing = sorted(set(range(max(layers) + 1)) - layers)
-            raise WeightError(f"Qwen3 text encoder: decoder layers {missing} are missing from the checkpoint "
-                              "(truncated or partial download?)")
-        cfg = cls(vocab_size=vocab, hidden_size=hidden, head_dim=head_dim,
-                  intermediate_size=shape("layers.0.mlp.gate_proj.weight")[0],
-                  num_hidden_layers=len(layers),
-                  num_attention_heads=shape("layers.0.self_attn.q_proj.weight")[0] // head_dim,
-                  num_key_value_heads=shape("layers.0.self_attn.k_proj.weight")[0] // head_dim)
-        if config_json:
-            cfg.rope_theta, cfg.rms_norm_eps = _theta_and_eps(config_json)
-            _cross_check(cfg, config_json)
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise WeightError(f"Qwen3 text encoder: {cfg.num_attention_heads} query heads are not a multiple of "
-                              f"{cfg.num_key_value_heads} KV heads")
-        return cfg
+from ..weights.io import as_checkpoint
+from .common import load_into_torch
 
 
 # ----------------------------------------------------------------------------------------------------------- blocks
@@ -173,16 +125,8 @@ class Qwen3Encoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if n == cfg.num_layers else None
 
     def resolve_layer(self, k: int) -> int:
-        """HF hidden_states index (negatives count from the end of the FULL model's tuple) -> 0..num_layers."""
-        total = self.config.num_layers + 1
-        i = k + total if k < 0 else k
-        if not 0 <= i < total:
-            raise ConfigError(f"hidden-state index {k} is out of range for a {self.config.num_layers}-layer Qwen3")
-        if i > self.n_built or (i == self.config.num_layers and self.norm is None):
-            what = f"{i} Qwen3 layers" + (" and the final norm" if i == total - 1 else "")
-            raise ConfigError(f"hidden-state index {k} needs {what}, but this encoder was loaded with only "
-                              f"{self.n_built}: load it with max_layers >= {i}")
-        return i
+        """HF hidden_states index -> 0..num_layers (configs.Qwen3Config.resolve_layer)."""
+        return self.config.resolve_layer(k, self.n_built, self.norm is not None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_layers: Sequence[int] = (-1,)) -> list[torch.Tensor]:
@@ -203,14 +147,21 @@ class Qwen3Encoder(nn.Module):
             taps[last] = self.norm(x)
         return [taps[i] for i in want]
 
+    def hidden_states(self, input_ids, attention_mask=None, output_layers: Sequence[int] = (-1,)) -> list:
+        """The entry `TextEncoder` uses on both backends: CPU ids / mask in, hidden states on the model's device out
+        (the MLX twin has the same method)."""
+        dev = self.embed_tokens.weight.device
+        mask = None if attention_mask is None else attention_mask.to(dev)
+        with torch.inference_mode():
+            return self(input_ids.to(dev), mask, output_layers=output_layers)
+
 
 def load_qwen3(path_or_checkpoint, dtype=torch.float32, device="cpu", max_layers: int | None = None) -> Qwen3Encoder:
     """Load a Qwen3 text encoder: a single HF-layout file (with or without `model.`), a diffusers `text_encoder/`
     folder (sharded or not, Qwen3ForCausalLM or Qwen3Model naming), a pipeline folder, or a loaded `Checkpoint`.
 
     Only the first `max_layers` decoder layers are built and loaded (the rest of the file is skipped on purpose)."""
-    ckpt = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else \
-        load_checkpoint(path_or_checkpoint, component="text_encoder")
+    ckpt = as_checkpoint(path_or_checkpoint, component="text_encoder")
     sd = qwen3_keys.to_native(ckpt.sd)
     cfg = Qwen3Config.from_state_dict(sd, ckpt.config)
     n = cfg.num_layers if max_layers is None else min(int(max_layers), cfg.num_layers)
@@ -261,22 +212,4 @@ def apply_rope(x: torch.Tensor, rope: tuple) -> torch.Tensor:
     return (h * cos + rotated * sin).to(x.dtype)
 
 
-def _theta_and_eps(config_json: dict) -> tuple[float, float]:
-    """rope_theta: transformers <5 writes `rope_theta`, 5.x `rope_parameters.rope_theta`; default 1e6 (Qwen3)."""
-    rope = config_json.get("rope_parameters") or {}
-    scaling = config_json.get("rope_scaling") or {}
-    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ConfigError(f"Qwen3 config asks for RoPE type {kind!r}; only the default RoPE of Qwen3-4B/8B "
-                          "is supported")
-    theta = config_json.get("rope_theta", rope.get("rope_theta", 1e6))
-    return float(theta), float(config_json.get("rms_norm_eps", 1e-6))
 
-
-def _cross_check(cfg: Qwen3Config, config_json: dict) -> None:
-    """A config.json that disagrees with the tensors means a mixed-up folder; say so instead of computing garbage."""
-    bad = [f"{f.name}: config.json {config_json[f.name]} vs weights {getattr(cfg, f.name)}"
-           for f in fields(cfg) if f.name not in ("rope_theta", "rms_norm_eps") and f.name in config_json
-           and config_json[f.name] is not None and config_json[f.name] != getattr(cfg, f.name)]
-    if bad:
-        raise WeightError("Qwen3 text encoder: config.json does not match the weights (" + "; ".join(bad) + ")")

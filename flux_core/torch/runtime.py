@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import schedule
 
 
 def to_backend(arr, model):
@@ -37,9 +36,9 @@ def initial_latent(noise, init_latent, sigma, model):
 
 
 def make_denoiser(model, cond, uncond, guidance: float, batch: int, h: int, w: int):
-    if model.family == "klein":
-        return _klein_denoiser(model.module, cond, uncond, guidance, batch, h, w)
-    return _zimage_denoiser(model.module, cond, uncond, guidance, batch)
+    """The family's denoiser (`_<family.module>_denoiser` below): (x, t) -> v = noise − x0, float32."""
+    make = globals()[f"_{model.family.module}_denoiser"]
+    return make(model.module, model.family, cond, uncond, guidance, batch, h, w)
 
 
 def pack(x):
@@ -53,7 +52,7 @@ def unpack(tokens, h: int, w: int):
     return tokens.permute(0, 2, 1).reshape(b, c, h, w)
 
 
-def _klein_denoiser(net, cond, uncond, guidance, batch, h, w):
+def _klein_denoiser(net, family, cond, uncond, guidance, batch, h, w):
     from .klein import position_ids, text_ids
 
     p = next(net.parameters())
@@ -86,13 +85,13 @@ def _klein_denoiser(net, cond, uncond, guidance, batch, h, w):
         ts = torch.full((rows,), float(t), dtype=torch.float32, device=dev)  # sigma stays float32 (see klein.py)
         v = net(tokens, img_ids, txt, txt_ids, ts, pe=pe)[:, :n_noise].float()
         if rows > batch:
-            v = schedule.cfg_combine(v[:batch], v[batch:], guidance, "klein")
-        return unpack(v, h, w)
+            v = family.cfg_combine(v[:batch], v[batch:], guidance)
+        return unpack(family.velocity(v), h, w)
 
     return denoise
 
 
-def _zimage_denoiser(net, cond, uncond, guidance, batch):
+def _zimage_denoiser(net, family, cond, uncond, guidance, batch, h, w):
     p = next(net.parameters())
     dev, dt = p.device, p.dtype
     caps = [c.to(dev, dt) for c in cond.embeds]
@@ -110,7 +109,7 @@ def _zimage_denoiser(net, cond, uncond, guidance, batch):
         ts = torch.full((rows,), float(t), dtype=torch.float32, device=dev)
         out = net(xin, ts, caps, rope_cache=rope).float()
         if rows > batch:
-            out = schedule.cfg_combine(out[:batch], out[batch:], guidance, "zimage")
-        return -out  # Z-Image predicts x0 − noise (REFERENCE §0.6)
+            out = family.cfg_combine(out[:batch], out[batch:], guidance)
+        return family.velocity(out)  # Z-Image predicts x0 − noise: v is its negation
 
     return denoise

@@ -26,51 +26,18 @@ Pitfalls:
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, WeightError
-from ..weights.io import Checkpoint, load_checkpoint
-from ..weights.keymap import load_into_torch
+from ..configs import GN_EPS, VAEConfig, config_from_weights
+from ..errors import ConfigError
+from ..weights.io import as_checkpoint
 from ..weights.vae import detect_kind, to_native
+from .common import load_into_torch
 
 log = logging.getLogger(__name__)
-
-GN_EPS = 1e-6  # every GroupNorm in both VAEs (diffusers resnet_eps, BFL eps=1e-6)
-
-
-@dataclass
-class VAEConfig:
-    """Defaults are the real FLUX.2 VAE (diffusers `AutoencoderKLFlux2()` defaults, REFERENCE.md §1.6)."""
-    kind: str = "flux2"                                       # "flux2" | "flux1"
-    in_channels: int = 3
-    out_channels: int = 3
-    enc_channels: tuple[int, ...] = (128, 256, 512, 512)     # per level, level 0 = full resolution
-    dec_channels: tuple[int, ...] = (128, 256, 512, 512)     # LDM order too (decoder runs them backwards)
-    enc_blocks: int = 2                                      # ResnetBlocks per encoder level (layers_per_block)
-    dec_blocks: int = 3                                      # per decoder level (layers_per_block + 1)
-    z_channels: int = 32                                     # posterior channels (FLUX.1: 16)
-    mid_attention: bool = True
-    norm_num_groups: int = 32
-    quant_conv: bool = True                                  # FLUX.2 only
-    batch_norm_eps: float = 1e-4                             # FLUX.2 latent normalisation
-    scaling_factor: float = 0.3611                           # FLUX.1 latent scale / shift (Z-Image vae/config.json)
-    shift_factor: float = 0.1159
-
-    @property
-    def levels(self) -> int:
-        return len(self.dec_channels)
-
-
-def flux1_config() -> VAEConfig:
-    """The real FLUX.1 VAE (Z-Image's `vae/`, BFL `ae.safetensors`)."""
-    return VAEConfig(kind="flux1", z_channels=16, quant_conv=False)
-
 
 # ------------------------------------------------------------------------------------------------ blocks
 
@@ -340,12 +307,7 @@ def load_vae(source, dtype: torch.dtype = torch.float32, device="cpu",
     """Load either FLUX VAE from a .safetensors file, a diffusers `vae/` folder, a pipeline folder, a `Checkpoint`
     or a state dict. The kind comes from the keys (`bn.running_mean` => FLUX.2), the structure from the shapes.
     `norm_num_groups` overrides config.json / metadata (only non-published VAEs need it)."""
-    if isinstance(source, Checkpoint):
-        ckpt = source
-    elif isinstance(source, Mapping):
-        ckpt = Checkpoint(dict(source))
-    else:
-        ckpt = load_checkpoint(source, component="vae")
+    ckpt = as_checkpoint(source, component="vae")
     sd = to_native(ckpt.sd)
     kind = detect_kind(sd)
     cfg = config_from_weights(sd, kind, ckpt.config, norm_num_groups)
@@ -358,59 +320,6 @@ def load_vae(source, dtype: torch.dtype = torch.float32, device="cpu",
              cfg.norm_num_groups, dtype)
     return model.eval().requires_grad_(False)
 
-
-def config_from_weights(sd: Mapping, kind: str, config: dict | None = None,
-                        norm_num_groups: int | None = None) -> VAEConfig:
-    """Structure from the (native-layout) shapes; groups, eps and latent scale/shift from config.json when present."""
-    config = config or {}
-    enc = _level_widths(sd, "encoder.down", "block.0.conv1.weight")
-    dec = _level_widths(sd, "decoder.up", "block.0.conv1.weight")
-    if not enc or not dec:
-        raise WeightError("VAE checkpoint needs both an encoder (`encoder.down.N.*`) and a decoder (`decoder.up.N.*`); "
-                          f"found {len(enc)} encoder and {len(dec)} decoder levels.")
-    for key in ("encoder.conv_in.weight", "decoder.conv_in.weight", "decoder.conv_out.weight"):
-        if key not in sd:
-            raise WeightError(f"VAE checkpoint lacks {key}; is this a complete VAE file?")
-    defaults = VAEConfig() if kind == "flux2" else flux1_config()
-    cfg = VAEConfig(
-        kind=kind,
-        in_channels=sd["encoder.conv_in.weight"].shape[1],
-        out_channels=sd["decoder.conv_out.weight"].shape[0],
-        enc_channels=enc, dec_channels=dec,
-        enc_blocks=_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
-        dec_blocks=_count(sd, r"decoder\.up\.0\.block\.(\d+)\."),
-        z_channels=sd["decoder.conv_in.weight"].shape[1],
-        mid_attention=any(".mid.attn_1." in k for k in sd),  # any key: a missing one is then reported by name
-        norm_num_groups=int(norm_num_groups or config.get("norm_num_groups") or defaults.norm_num_groups),
-        quant_conv=kind == "flux2",
-        batch_norm_eps=float(_get(config, "batch_norm_eps", defaults.batch_norm_eps)),
-        scaling_factor=float(_get(config, "scaling_factor", defaults.scaling_factor)),
-        shift_factor=float(_get(config, "shift_factor", defaults.shift_factor)),
-    )
-    bad = sorted({c for c in enc + dec if c % cfg.norm_num_groups})
-    if bad:
-        raise ConfigError(f"VAE GroupNorm: {cfg.norm_num_groups} groups do not divide the channel widths {bad}. "
-                          "The group count is not stored in the weights: pass norm_num_groups= to load_vae, or put "
-                          "it in config.json / the safetensors metadata `config` JSON.")
-    return cfg
-
-
-def _get(config: dict, key: str, default):
-    value = config.get(key)
-    return default if value is None else value
-
-
-def _count(sd: Mapping, pattern: str) -> int:
-    pat = re.compile("^" + pattern)
-    return len({m.group(1) for k in sd if (m := pat.match(k))})
-
-
-def _level_widths(sd: Mapping, prefix: str, leaf: str) -> tuple[int, ...]:
-    n = _count(sd, re.escape(prefix) + r"\.(\d+)\.")
-    try:
-        return tuple(int(sd[f"{prefix}.{i}.{leaf}"].shape[0]) for i in range(n))
-    except KeyError as e:
-        raise WeightError(f"VAE checkpoint lacks {e.args[0]}; levels must be numbered 0..{n - 1}.") from None
 
 
 # ------------------------------------------------------------------------------------------------ helpers

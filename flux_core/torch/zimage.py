@@ -25,114 +25,17 @@ Pitfalls (each cost someone an afternoon; see docs/NOTES.md):
 """
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, WeightError
-
-SEQ_MULTIPLE = 32  # caption and image token counts are padded to this (learned pad tokens)
-FREQ_DIM = 256  # sinusoidal timestep embedding width
-REAL_AXES = (32, 48, 48)  # Z-Image-Turbo RoPE split of head_dim 128; other head dims keep this proportion
-
-
-@dataclass
-class ZImageConfig:
-    dim: int = 3840
-    n_layers: int = 30
-    n_refiner_layers: int = 2
-    n_heads: int = 30
-    in_channels: int = 16
-    patch_size: int = 2
-    cap_feat_dim: int = 2560
-    ffn_hidden: int = 10240  # int(dim / 3 * 8)
-    adaln_dim: int = 256  # min(dim, 256)
-    t_hidden: int = 1024  # t_embedder MLP width, fixed in the reference
-    norm_eps: float = 1e-5  # sandwich + caption RMSNorms
-    qk_norm_eps: float = 1e-5  # per-head q/k RMSNorm (hard-coded in diffusers, independent of norm_eps)
-    final_eps: float = 1e-6  # final non-affine LayerNorm
-    rope_theta: float = 256.0
-    t_scale: float = 1000.0
-    axes_dims: tuple = REAL_AXES
-    axes_lens: tuple = (1536, 512, 512)  # the published config; diffusers' default [1024,512,512] is not it
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def patch_dim(self) -> int:
-        return self.patch_size * self.patch_size * self.in_channels
-
-    def padded_caption_lengths(self, cap_lens: Sequence[int], height: int, width: int) -> list[int]:
-        """Validate a RoPE request (both backends' make_rope) and return each caption's padded length."""
-        p = self.patch_size
-        if height % p or width % p:
-            raise ConfigError(f"latent {height}x{width} is not divisible by the patch size {p} "
-                              f"(image sides must be multiples of {8 * p} pixels)")
-        if not cap_lens or min(cap_lens) < 1:
-            raise ConfigError(f"every caption needs at least one token, got lengths {list(cap_lens)}")
-        return [_ceil(n) for n in cap_lens]
-
-    def check_positions(self, top: Sequence[int]) -> None:
-        """The largest (t, h, w) position ids must stay inside the trained RoPE range (`axes_lens`)."""
-        if any(m >= n for m, n in zip(top, self.axes_lens)):
-            raise ConfigError(f"caption or image too large for Z-Image: RoPE positions {list(top)} exceed the trained "
-                              f"range {list(self.axes_lens)} (t = padded caption length + 1, h/w = patch rows/cols)")
-
-    def __post_init__(self):
-        self.axes_dims, self.axes_lens = tuple(self.axes_dims), tuple(self.axes_lens)
-        if self.dim % self.n_heads or sum(self.axes_dims) != self.head_dim or any(d % 2 for d in self.axes_dims):
-            raise ConfigError(f"inconsistent Z-Image config: dim {self.dim}, {self.n_heads} heads, "
-                              f"RoPE axes {self.axes_dims} (must be even and sum to the head dim)")
-
-    @classmethod
-    def from_diffusers(cls, cfg: Mapping) -> "ZImageConfig":
-        """A diffusers `transformer/config.json` (ZImageTransformer2DModel)."""
-        if cfg.get("siglip_feat_dim") is not None:
-            raise ConfigError("Z-Image Omni (siglip_feat_dim set) is not supported, only text-to-image Z-Image.")
-        if not cfg.get("qk_norm", True):
-            raise ConfigError("Z-Image config with qk_norm=false is not supported (no published model uses it).")
-        patches = list(cfg.get("all_patch_size", [2]))
-        if len(patches) != 1 or list(cfg.get("all_f_patch_size", [1])) != [1]:
-            raise ConfigError(f"only one 2-D patch size is supported, got {patches} / {cfg.get('all_f_patch_size')}")
-        dim = int(cfg.get("dim", 3840))
-        return cls(dim=dim, n_layers=int(cfg.get("n_layers", 30)), n_refiner_layers=int(cfg.get("n_refiner_layers", 2)),
-                   n_heads=int(cfg.get("n_heads", 30)), in_channels=int(cfg.get("in_channels", 16)),
-                   patch_size=int(patches[0]), cap_feat_dim=int(cfg.get("cap_feat_dim", 2560)),
-                   ffn_hidden=int(dim / 3 * 8), adaln_dim=min(dim, 256), norm_eps=float(cfg.get("norm_eps", 1e-5)),
-                   rope_theta=float(cfg.get("rope_theta", 256.0)), t_scale=float(cfg.get("t_scale", 1000.0)),
-                   axes_dims=tuple(cfg.get("axes_dims", REAL_AXES)),
-                   axes_lens=tuple(cfg.get("axes_lens", (1536, 512, 512))))
-
-    @classmethod
-    def from_state_dict(cls, sd: Mapping, config_json: Mapping | None = None) -> "ZImageConfig":
-        """From a diffusers config.json when given (and it is one), else from the shapes of a native state dict."""
-        if config_json and "dim" in config_json and "n_layers" in config_json:
-            return cls.from_diffusers(config_json)
-        need = ("x_embedder.weight", "layers.0.attention.q_norm.weight", "layers.0.feed_forward.w1.weight",
-                "cap_embedder.1.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.weight")
-        missing = [k for k in need if k not in sd]
-        if missing:
-            raise WeightError(f"Z-Image transformer: cannot infer the config, missing keys {missing}")
-        dim, patch_dim = sd["x_embedder.weight"].shape
-        head_dim = sd["layers.0.attention.q_norm.weight"].shape[0]
-        refiners = _count_blocks(sd, "noise_refiner")
-        if _count_blocks(sd, "context_refiner") != refiners:
-            raise WeightError("Z-Image transformer: noise_refiner and context_refiner have different layer counts "
-                              f"({refiners} vs {_count_blocks(sd, 'context_refiner')})")
-        patch = 2  # every published Z-Image model; not recoverable from shapes (p*p*C is)
-        return cls(dim=dim, n_layers=_count_blocks(sd, "layers"), n_refiner_layers=refiners, n_heads=dim // head_dim,
-                   in_channels=patch_dim // (patch * patch), patch_size=patch,
-                   cap_feat_dim=sd["cap_embedder.1.weight"].shape[1],
-                   ffn_hidden=sd["layers.0.feed_forward.w1.weight"].shape[0],
-                   adaln_dim=sd["t_embedder.mlp.2.weight"].shape[0], t_hidden=sd["t_embedder.mlp.0.weight"].shape[0],
-                   axes_dims=axes_dims_for(head_dim))
+from ..configs import FREQ_DIM, ZImageConfig, caption_list, check_rope_cache, zimage_position_ids
+from ..weights import zimage as zkeys
+from ..weights.io import as_checkpoint
+from .common import load_into_torch, timestep_embedding
 
 
 # --------------------------------------------------------------------------------------------------------- blocks
@@ -248,9 +151,7 @@ class ZImageRope:
     cap_padded: tuple = field(default=())  # Lp_i = ceil32(L_i)
 
     def check(self, cap_lens: Sequence[int], height: int, width: int) -> None:
-        if tuple(cap_lens) != self.cap_lens or (height, width) != (self.height, self.width):
-            raise ConfigError(f"rope_cache was built for captions {self.cap_lens} at {self.height}x{self.width} "
-                              f"latent, but the inputs are {tuple(cap_lens)} at {height}x{width}")
+        check_rope_cache(self, cap_lens, height, width)
 
 
 class ZImageTransformer(nn.Module):
@@ -273,7 +174,7 @@ class ZImageTransformer(nn.Module):
         Returns the raw prediction [B, C, H, W] (~ x0 - noise; the sampler negates it) in x's dtype."""
         cfg = self.config
         B, C, H, W = x.shape
-        caps = _caption_list(cap_feats, B, cfg.cap_feat_dim)
+        caps = caption_list(cap_feats, B, cfg.cap_feat_dim)
         cap_lens = [c.shape[0] for c in caps]
         rope = self.make_rope(cap_lens, H, W, device=x.device) if rope_cache is None else rope_cache
         rope.check(cap_lens, H, W)
@@ -342,13 +243,7 @@ class ZImageTransformer(nn.Module):
 def load_zimage(path_or_checkpoint, dtype=torch.float32, device="cpu") -> ZImageTransformer:
     """Load a Z-Image transformer from a single file (original / ComfyUI layout, any prefix), a diffusers folder, a
     pipeline folder (its `transformer/`), or an already-read `flux_core.weights.io.Checkpoint`."""
-    from ..weights import zimage as zkeys
-    from ..weights.io import Checkpoint, load_checkpoint
-    from ..weights.keymap import load_into_torch
-
-    ckpt = path_or_checkpoint
-    if not isinstance(ckpt, Checkpoint):
-        ckpt = load_checkpoint(ckpt, component="transformer")
+    ckpt = as_checkpoint(path_or_checkpoint, component="transformer")
     sd = zkeys.to_native(ckpt.sd)
     config = ZImageConfig.from_state_dict(sd, ckpt.config)
     with torch.device("meta"):
@@ -360,27 +255,8 @@ def load_zimage(path_or_checkpoint, dtype=torch.float32, device="cpu") -> ZImage
 # --------------------------------------------------------------------------------------------------------- helpers
 
 
-def axes_dims_for(head_dim: int) -> tuple:
-    """RoPE split of a head dim in the real 32:48:48 proportion, every part even: 128 -> (32,48,48), 32 -> (8,12,12)."""
-    hw = 2 * round(head_dim * REAL_AXES[1] / sum(REAL_AXES) / 2)
-    t = head_dim - 2 * hw
-    if t <= 0 or t % 2:
-        raise ConfigError(f"cannot split head dim {head_dim} into even RoPE axes in the 32:48:48 proportion")
-    return (t, hw, hw)
 
 
-def position_ids(cap_padded: int, h_tokens: int, w_tokens: int):
-    """(caption ids [Lp, 3], image ids [Np, 3]) int64. Caption slot j -> (1+j, 0, 0) for all Lp slots (pads too);
-    image patch (h, w) -> (Lp+1, h, w), row-major; image pad tokens -> (0, 0, 0). REFERENCE §2.3."""
-    cap = torch.zeros(cap_padded, 3, dtype=torch.long)
-    cap[:, 0] = torch.arange(1, cap_padded + 1)
-    n = h_tokens * w_tokens
-    img = torch.zeros(_ceil(n), 3, dtype=torch.long)
-    hh, ww = torch.meshgrid(torch.arange(h_tokens), torch.arange(w_tokens), indexing="ij")
-    img[:n, 0] = cap_padded + 1
-    img[:n, 1] = hh.flatten()
-    img[:n, 2] = ww.flatten()
-    return cap, img
 
 
 def rope_angles(ids, axes_dims: Sequence[int], theta: float):
@@ -399,12 +275,6 @@ def apply_rope(x, rope):
     return torch.view_as_real(xc * rope[2]).flatten(-2).to(x.dtype)
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-    """[cos | sin](t * max_period^(-k/half)), float32, cos first."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], -1)
 
 
 def patchify(x, p: int):
@@ -420,28 +290,7 @@ def unpatchify(tokens, H: int, W: int, p: int):
     return tokens.reshape(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
 
-def _ceil(n: int) -> int:
-    return -(-n // SEQ_MULTIPLE) * SEQ_MULTIPLE
-
-
-def _count_blocks(sd: Mapping, kind: str) -> int:
-    pat = re.compile(re.escape(kind) + r"\.(\d+)\.")
-    found = {int(m.group(1)) for k in sd if (m := pat.match(k))}
-    if found and found != set(range(len(found))):
-        raise WeightError(f"Z-Image transformer: {kind} indices are not contiguous: {sorted(found)}")
-    return len(found)
-
-
-def _caption_list(cap_feats, batch: int, cap_dim: int) -> list:
-    if isinstance(cap_feats, torch.Tensor):
-        if cap_feats.dim() != 3:
-            raise ConfigError(f"cap_feats must be [B, L, {cap_dim}] or a list of [L, {cap_dim}], got "
-                              f"{tuple(cap_feats.shape)}")
-        cap_feats = list(cap_feats.unbind(0))
-    caps = list(cap_feats)
-    if len(caps) != batch:
-        raise ConfigError(f"got {len(caps)} captions for a batch of {batch} latents")
-    for c in caps:
-        if c.dim() != 2 or c.shape[-1] != cap_dim:
-            raise ConfigError(f"each caption must be [L, {cap_dim}] (Qwen3 hidden states), got {tuple(c.shape)}")
-    return caps
+def position_ids(cap_padded: int, h_tokens: int, w_tokens: int):
+    """(caption ids [Lp, 3], image ids [Np, 3]) as torch int64 (see configs.zimage_position_ids)."""
+    cap, img = zimage_position_ids(cap_padded, h_tokens, w_tokens)
+    return torch.from_numpy(cap), torch.from_numpy(img)

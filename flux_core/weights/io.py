@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import WeightError
+from typing import Mapping
+
+from ..errors import ConfigError, WeightError
 
 # Keys ComfyUI's fp8-scaled and other quantized exports add next to the weights.
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -77,7 +79,15 @@ def _folder_files(folder: Path) -> list[Path]:
 
 
 def load_checkpoint(path: str | os.PathLike, component: str | None = None) -> Checkpoint:
-    """Load a .safetensors file, a component folder, or (with `component`) that subfolder of a pipeline folder."""
+    """Load a .safetensors file, a component folder, or (with `component`) that subfolder of a pipeline folder.
+
+    Pre-quantized checkpoints (FluxCore quantized files, .gguf, MLX affine folders; weights/prequant.py) come back
+    with a lazy `sd` (a QState: nothing read but headers) and metadata["fluxcore.prequantized"] set."""
+    from . import prequant
+
+    if prequant.detect(path, component):
+        qstate, meta, config, source = prequant.read(path, component)
+        return Checkpoint(qstate, config, meta, source)
     p = Path(path).expanduser()
     if p.is_dir() and component and (p / component).is_dir():
         p = p / component
@@ -106,6 +116,22 @@ def load_checkpoint(path: str | os.PathLike, component: str | None = None) -> Ch
         except ValueError:
             config = None
     return Checkpoint(dequantize_scaled(sd), config, meta, str(p))
+
+
+def as_checkpoint(source, component: str | None = None) -> Checkpoint:
+    """What every model loader accepts: a path (file, component folder or pipeline folder, see `load_checkpoint`),
+    an already-read `Checkpoint`, or a plain state dict {key: tensor}."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, Mapping):
+        return Checkpoint(dict(source), None, {}, "<state dict>")
+    if isinstance(source, (str, os.PathLike)):
+        return load_checkpoint(source, component=component)
+    raise ConfigError(f"expected a checkpoint path, a Checkpoint or a state dict, got {type(source).__name__}")
+
+
+def is_prequantized(ckpt: Checkpoint) -> bool:
+    return bool(ckpt.metadata.get("fluxcore.prequantized"))
 
 
 def save_safetensors(sd: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:

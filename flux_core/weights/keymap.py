@@ -19,8 +19,9 @@ Keys that match no rule pass through unchanged (most names are identical); stric
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 from ..errors import WeightError
 
@@ -139,18 +140,16 @@ def _invert(op: str, t, n: int):
 
 
 def _cat(tensors: list):
-    first = tensors[0]
-    if hasattr(first, "__module__") and type(first).__module__.startswith("torch"):
-        import torch
-
-        return torch.cat(tensors, 0)
+    """Concatenate along dim 0 with the arrays' own library (torch, mlx or numpy), which is already imported
+    because the arrays exist: this module never imports a backend itself."""
+    lib = type(tensors[0]).__module__.split(".")[0]
+    if lib == "torch":
+        return sys.modules["torch"].cat(tensors, 0)
+    if lib == "mlx":
+        return sys.modules["mlx.core"].concatenate(tensors, 0)
     import numpy as np
 
-    if type(first).__module__.startswith("mlx"):
-        import mlx.core as mx
-
-        return mx.concatenate(tensors, 0)
-    return np.concatenate(tensors, 0)
+    return np.concatenate([np.asarray(t) for t in tensors], 0)
 
 
 def strip_prefix(sd: Mapping, prefixes: Iterable[str]) -> dict:
@@ -186,23 +185,3 @@ def check_strict(expected: Mapping[str, tuple], got: Mapping[str, tuple], what: 
 
 def shapes(sd: Mapping) -> dict:
     return {k: tuple(v.shape) for k, v in sd.items()}
-
-
-def load_into_torch(module, sd: Mapping, what: str, dtype=None, device=None,
-                    keep_float32: Callable[[str], bool] | None = None) -> None:
-    """Strictly load `sd` (already in our layout) into a torch module that may live on the meta device.
-
-    Tensors are cast once here (to `dtype`, except keys for which `keep_float32(key)` is true) and assigned, so a
-    multi-GB model is never allocated twice."""
-    import torch
-
-    own = module.state_dict()
-    check_strict(shapes(own), shapes(sd), what)
-    new = {}
-    for k, p in own.items():
-        v = sd[k]
-        if not isinstance(v, torch.Tensor):
-            v = torch.as_tensor(v)
-        want = torch.float32 if (keep_float32 and keep_float32(k)) else (dtype or p.dtype)
-        new[k] = v.to(device=device or "cpu", dtype=want)
-    module.load_state_dict(new, strict=True, assign=True)

@@ -24,6 +24,8 @@ from .keymap import KeyMap, Rule, strip_prefix
 # Tried in order; the first one that any key carries is stripped (ComfyUI full checkpoints, bare UNet files,
 # diffusers pipeline-level state dicts).
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.")
+# Keys that only a FLUX.2 transformer has (either layout, after a prefix): flux_core.families detects the family by them.
+MARKERS = ("double_stream_modulation_img.lin.weight", "double_stream_modulation_img.linear.weight")
 
 _D = "transformer_blocks.{n}.attn."
 _S = "single_transformer_blocks.{n}.attn."
@@ -133,3 +135,8 @@ def config_from_diffusers(config: Mapping) -> dict:
         eps=float(config.get("eps", 1e-6)),
         guidance_embed=bool(config.get("guidance_embeds", True)),
     )
+
+
+def size_name(config) -> str:
+    """'4b' / '9b' from a KleinConfig's width (the published sizes), else 'd<width>' (test and custom models)."""
+    return {3072: "4b", 4096: "9b"}.get(config.hidden_size, f"d{config.hidden_size}")

@@ -21,6 +21,8 @@ from .keymap import KeyMap, Rule, strip_prefix
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 BLOCK_KINDS = ("layers", "noise_refiner", "context_refiner")
+# Keys that only a Z-Image transformer has (after a prefix): flux_core.families detects the family by them.
+MARKERS = ("cap_embedder.1.weight", "cap_pad_token", "x_pad_token")
 # The diffusers converter pops this key; it belongs to no module (the final LayerNorm has no affine).
 STRAY = ("norm_final.weight",)
 
@@ -82,3 +84,8 @@ def to_native(sd: Mapping) -> dict:
 def to_diffusers(native_sd: Mapping) -> dict:
     """Ours -> diffusers names (the inverse map); used for fixtures and key-table checks."""
     return DIFFUSERS.from_native(native_sd)
+
+
+def size_name(config) -> str:
+    """Z-Image has one published size; variant names do not carry it."""
+    return ""

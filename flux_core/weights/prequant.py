@@ -4,21 +4,22 @@ Three kinds of files arrive quantized, and none of them is ever expanded to full
   fluxcore  our own safetensors format (`python -m flux_core quantize`; flux_core/weights/qfile.py)
   gguf      a .gguf file as ComfyUI-GGUF users have them (flux_core/weights/gguf.py)
   mlx       an MLX affine-quantized folder or file: mflux saves, MLX-community repos (flux_core/weights/mlx_affine.py)
-Each reader returns a QState in our key layout; `flux_core/torch/qload.py` / `flux_core/mlx/qload.py` build the
-model from it. The family (klein / Z-Image) is detected from the tensor names, exactly as for plain files.
+Each reader returns a QState in our key layout; `load_checkpoint` (weights/io.py) hands it on as the Checkpoint's
+`sd`, the family (klein / Z-Image) is detected from its names exactly as for plain files, and the backends'
+`load_prequantized` (torch/qload.py, mlx/qload.py) build the model from it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ConfigError, WeightError
+from ..errors import WeightError
 
 KINDS = ("fluxcore", "gguf", "mlx")
 
 
 def detect(path, component: str | None = None) -> str | None:
     """'fluxcore' | 'gguf' | 'mlx' for a pre-quantized checkpoint, None for anything else. Reads headers only."""
-    from .weights import gguf, mlx_affine, qfile
+    from . import gguf, mlx_affine, qfile
 
     p = Path(path).expanduser()
     if p.is_dir() and component and (p / component).is_dir():
@@ -34,7 +35,7 @@ def detect(path, component: str | None = None) -> str | None:
 
 def read(path, component: str | None = None) -> tuple[dict, dict, dict | None, str]:
     """(QState, metadata, config, source) of a pre-quantized checkpoint."""
-    from .weights import gguf, mlx_affine, qfile
+    from . import gguf, mlx_affine, qfile
 
     p = Path(path).expanduser()
     if p.is_dir() and component and (p / component).is_dir():
@@ -75,24 +76,30 @@ def quantization_label(meta: dict) -> str:
     return "none"
 
 
-def transformer_family(qstate: dict) -> str:
-    from .variants import detect_family
+# model file (flux_core/{torch,mlx}/<name>.py, key map flux_core/weights/<name>.py) -> (config class in
+# flux_core/configs.py, model class in the model file); `kind` is a family's `module` or "qwen3"
+MODEL_CLASSES = {"klein": ("KleinConfig", "Flux2Transformer"), "zimage": ("ZImageConfig", "ZImageTransformer"),
+                 "qwen3": ("Qwen3Config", "Qwen3Encoder")}
 
-    return detect_family(qstate)
 
+def plan(kind: str, qstate: dict, config: dict | None, max_layers: int | None = None):
+    """What to build for a QState: (model class name, config, our-layout QState, kwargs for the class).
 
-def load_module(backend: str, kind: str, qstate: dict, config: dict | None, dtype: str, device: str = "cpu",
-                max_layers: int | None = None, what: str = ""):
-    """The model for `kind` ('klein' | 'zimage' | 'qwen3') on `backend`, from a QState."""
-    if backend == "mlx":
-        from .mlx import qload
+    The text encoder (its key map has `drop_unused`) is built with only the layers an encoding needs."""
+    import importlib
 
-        return qload.load_qstate(kind, qstate, config, dtype, max_layers, what)
-    if backend == "torch":
-        import torch
+    from .. import configs
+    from ..errors import ConfigError
 
-        from .torch import qload
-
-        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-        return qload.load_qstate(kind, qstate, config, dt, device, max_layers, what)
-    raise ConfigError(f"unknown backend {backend!r}")
+    if kind not in MODEL_CLASSES:
+        raise ConfigError(f"unknown model kind {kind!r}: one of {', '.join(MODEL_CLASSES)}")
+    cfg_name, cls_name = MODEL_CLASSES[kind]
+    keys = importlib.import_module(f".{kind}", __package__)
+    sd = keys.to_native(qstate)
+    cfg = getattr(configs, cfg_name).from_state_dict(sd, config)
+    kwargs = {}
+    if hasattr(keys, "drop_unused"):
+        n = cfg.num_layers if max_layers is None else min(int(max_layers), cfg.num_layers)
+        sd = keys.drop_unused(sd, n, keep_norm=n == cfg.num_layers)
+        kwargs["max_layers"] = n
+    return cls_name, cfg, sd, kwargs

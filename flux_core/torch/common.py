@@ -1,0 +1,47 @@
+"""What the torch model files share: strict loading into meta-built modules, the timestep sinusoid, block lists.
+
+The twin of `flux_core/mlx/common.py`. Nothing here knows a model family; the config dataclasses and shape
+derivation are backend-neutral and live in `flux_core/configs.py`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import torch
+
+from ..configs import BLOCK_CONTAINERS
+from ..weights.keymap import check_strict, shapes
+
+
+def load_into_torch(module, sd: Mapping, what: str, dtype=None, device=None,
+                    keep_float32: Callable[[str], bool] | None = None) -> None:
+    """Strictly load `sd` (already in our layout) into a torch module that may live on the meta device.
+
+    Tensors are cast once here (to `dtype`, except keys for which `keep_float32(key)` is true) and assigned, so a
+    multi-GB model is never allocated twice."""
+    own = module.state_dict()
+    check_strict(shapes(own), shapes(sd), what)
+    new = {}
+    for k, p in own.items():
+        v = sd[k]
+        if not isinstance(v, torch.Tensor):
+            v = torch.as_tensor(v)
+        want = torch.float32 if (keep_float32 and keep_float32(k)) else (dtype or p.dtype)
+        new[k] = v.to(device=device or "cpu", dtype=want)
+    module.load_state_dict(new, strict=True, assign=True)
+
+
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
+    """t [B] (already x1000) -> float32 [B, dim] = [cos(t f_k) | sin(t f_k)], f_k = max_period^(-k/(dim/2)).
+    klein and Z-Image use the same sinusoid (cos first)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def blocks(module) -> list:
+    """The repeated transformer blocks of a klein / Z-Image transformer or a Qwen3 encoder, in forward order
+    within each container (what regional compilation and weight quantization walk over)."""
+    return [b for name in BLOCK_CONTAINERS for b in (getattr(module, name, None) or ())]

@@ -1,0 +1,82 @@
+"""The torch side of the backend table (`flux_core/backend.py`): load, quantize, compile, free. Twin of mlx/loaders.py.
+
+`ckpt` is a `flux_core.weights.io.Checkpoint`; `dtype` is 'bfloat16' | 'float16' | 'float32'; `device` a torch
+device string ('cuda', 'cuda:1', 'mps', 'cpu'). Models are built on the meta device and loaded strictly.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from . import quant
+from .common import blocks
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def load_transformer(family, ckpt, dtype: str, device: str):
+    """The family's transformer (`flux_core/torch/<family.module>.py`, `load_<module>`), in eval mode."""
+    module = importlib.import_module(f".{family.module}", __package__)
+    return getattr(module, f"load_{family.module}")(ckpt, dtype=torch_dtype(dtype), device=device).eval()
+
+
+def load_qwen3(ckpt, dtype: str, device: str, max_layers: int | None = None):
+    from .qwen3 import load_qwen3 as load
+
+    return load(ckpt, dtype=torch_dtype(dtype), device=device, max_layers=max_layers).eval()
+
+
+def load_prequantized(kind: str, ckpt, dtype: str, device: str, max_layers: int | None = None):
+    """A pre-quantized checkpoint (ckpt.sd is a QState): klein / zimage / qwen3 with its quantized layers kept."""
+    from .qload import load_qstate
+
+    return load_qstate(kind, ckpt.sd, ckpt.config, torch_dtype(dtype), device, max_layers,
+                       f"{kind} ({ckpt.source})")
+
+
+def load_vae(ckpt, dtype: str, device: str):
+    from .vae import load_vae as load
+
+    return load(ckpt, dtype=torch_dtype(dtype), device=device).eval()
+
+
+def supported_quantizations() -> tuple[str, ...]:
+    return quant.MODES
+
+
+def quantize_model(module, mode: str) -> int:
+    return quant.quantize_model(module, mode)
+
+
+def compile_blocks(module) -> str:
+    """Regional torch.compile: every transformer block, not the whole model (compiles in seconds per block type,
+    and the per-step Python loop stays outside the graph)."""
+    found = blocks(module)
+    for b in found:
+        b.compile()
+    return f"torch.compile on {len(found)} blocks (first generation compiles)"
+
+
+def device_memory_gb(device: str) -> float:
+    """GPU memory for CUDA, system (unified) memory otherwise."""
+    if device.startswith("cuda"):
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        return torch.cuda.get_device_properties(idx).total_memory / 2**30
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
+def empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        mps.empty_cache()
