@@ -182,3 +182,29 @@ def test_gguf_on_mlx(world, kind, qtype):
         assert native and all(m.group_size == 32 and m.bits == (8 if qtype == "Q8_0" else 4) for m in native)
     else:
         assert not native
+
+
+def test_loader_nodes_list_gguf_files(world, tmp_path):
+    """The loader combos offer .gguf files from diffusion_models/ + unet/ and text_encoders/ + clip/, not from vae/;
+    the model loader node then loads one like any file."""
+    import shutil
+
+    import nodes
+    from nodes import host
+
+    root = tmp_path / "models"
+    for sub, kind in (("unet", "klein"), ("clip", "qwen3"), ("vae", "klein")):
+        (root / sub).mkdir(parents=True)
+        shutil.copy(gguf_pair(world, kind, "Q8_0")[0], root / sub / f"{kind}-Q8_0.gguf")
+    host.set_model_roots([root])
+    try:
+        assert "klein-Q8_0.gguf" in host.list_models("diffusion_models")
+        assert "qwen3-Q8_0.gguf" in host.list_models("text_encoders")
+        assert not host.list_models("vae")
+        node = nodes.NODE_CLASS_MAPPINGS["FluxCoreKleinModelLoader"]
+        assert "klein-Q8_0.gguf" in node.INPUT_TYPES()["required"]["model_name"][0]
+        out = getattr(node(), node.FUNCTION)(model_name="klein-Q8_0.gguf", backend="torch", dtype="float32",
+                                             quantization="none", variant="auto")
+        assert "gguf" in str(out["ui"]["fluxcore"][0]["details"]).lower()
+    finally:
+        host.set_model_roots([])

@@ -203,3 +203,41 @@ def test_loading_a_quantized_file_peaks_near_its_size(tmp_path):
     print(f"file {m['size'] / 1e6:.1f} MB, host peak above baseline {(m['peak'] - m['base']) / 1e6:.1f} MB "
           f"= {ratio:.3f}x")
     assert m["size"] > 50e6 and ratio <= 1.2, m
+
+
+# ------------------------------------------------------------------------------------------------ CLI and loaders
+
+def test_cli_quantize_then_the_loaders_just_accept_the_files(paths, tmp_path):
+    """`python -m flux_core quantize` for a transformer and a text encoder; models.load_* take the outputs as they
+    take any checkpoint, on both backends, and a generation runs from them."""
+    from flux_core import pipeline
+    from flux_core.__main__ import main
+
+    t_out, te_out = tmp_path / "klein-int4.safetensors", tmp_path / "qwen-int8.safetensors"
+    assert main(["quantize", "--model", str(paths["klein"]), "--quantization", "int4", "--output", str(t_out)]) == 0
+    assert main(["quantize", "--text-encoder", str(paths["text_encoder"]), "--quantization", "int8",
+                 "--output", str(te_out)]) == 0
+    for be in ("torch", "mlx") if mx is not None else ("torch",):
+        t = models.load_transformer(t_out, backend=be, dtype="float32")
+        te = models.load_text_encoder(te_out, str(paths["tokenizer"]), backend=be, dtype="float32")
+        vae = models.load_vae(paths["flux2_vae"], backend=be, dtype="float32")
+        assert (t.quantization, te.quantization, t.family.name) == ("int4", "int8", "klein")
+        assert any("FluxCore int4 file" in n for n in t.notes)
+        if mx is not None:
+            mx.disable_compile()
+        try:
+            g = pipeline.generate(t, te, vae, "a cat", width=64, height=64, steps=2, seed=1,
+                                  release_text_encoder=False)
+        finally:
+            if mx is not None:
+                mx.enable_compile()
+        assert np.isfinite(np.asarray(g.images)).all()
+    with pytest.raises(Exception, match="already quantized.*quantization 'none'"):
+        models.load_transformer(t_out, backend="torch", dtype="float32", quantization="int8")
+
+
+def test_cli_quantize_refuses_bad_output(paths, tmp_path):
+    from flux_core.__main__ import main
+
+    assert main(["quantize", "--model", str(paths["klein"]), "--quantization", "int8", "--output",
+                 str(tmp_path / "x.bin")]) == 2
