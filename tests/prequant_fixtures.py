@@ -2,7 +2,7 @@
 way ComfyUI-GGUF's converter + llama.cpp's quantizer write them (with the `gguf` package's writer and quantizer),
 and MLX affine folders written the way mflux's ModelSaver writes them (mx.quantize per Linear, shards + index).
 
-Every writer also returns the REFERENCE weights: what the `gguf` package (`gguf.quants.dequantize`) or MLX
+Every writer also returns the reference weights: what the `gguf` package (`gguf.quants.dequantize`) or MLX
 (`mx.dequantize`) decode the stored blocks to, which the tests save as an ordinary safetensors file and load with
 the ordinary loaders.
 """

@@ -208,3 +208,18 @@ def test_loader_nodes_list_gguf_files(world, tmp_path):
         assert "gguf" in str(out["ui"]["fluxcore"][0]["details"]).lower()
     finally:
         host.set_model_roots([])
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0", "Q5_0", "Q6_K"])
+def test_gguf_linear_compiles_without_graph_breaks(qtype):
+    """The dequantizers trace whole (the type is a Python constant): regional torch.compile keeps blocks fused."""
+    import gguf
+
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((64, 256)).astype(np.float32)
+    raw = PF.random_k_blocks(a.shape, qtype, rng) if qtype in PF.K_SCALE else \
+        gguf.quants.quantize(a, gguf.GGMLQuantizationType[qtype])
+    lin = TG.GGUFLinear(qtype, 256, 64, torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).copy()))
+    x = torch.randn(3, 256)
+    assert torch._dynamo.explain(lin)(x).graph_break_count == 0
+    assert torch.equal(torch.compile(lin, fullgraph=True, backend="aot_eager")(x), lin(x))
