@@ -31,8 +31,9 @@ A = P.parse_args()
 
 def build(folder: Path):
     from flux_core import demo
-    from flux_core.torch.klein import Flux2Transformer, KleinConfig
-    from flux_core.torch.zimage import ZImageConfig, ZImageTransformer
+    from flux_core.configs import KleinConfig, ZImageConfig
+    from flux_core.torch.klein import Flux2Transformer
+    from flux_core.torch.zimage import ZImageTransformer
     from flux_core.weights.io import save_safetensors
 
     paths = demo.write_demo_checkpoints(folder)

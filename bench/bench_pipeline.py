@@ -100,7 +100,7 @@ def ours_models(sds, tok_dir):
     from flux_core.torch.klein import load_klein
     from flux_core.torch.qwen3 import load_qwen3
     from flux_core.torch.vae import load_vae
-    from flux_core.variants import make_variant
+    from flux_core.families import FAMILIES
     from flux_core.weights.io import Checkpoint
     from flux_core.weights.klein import to_native as klein_native
     from flux_core.weights.vae import to_native as vae_native
@@ -112,7 +112,7 @@ def ours_models(sds, tok_dir):
     te = TextEncoder(load_qwen3(Checkpoint(te_sd), dtype=DT, device=DEV, max_layers=27).eval(),
                      QwenTokenizer(tok_dir), source_id="bench")
     vae = load_vae(Checkpoint(vae_native(vae_sd), config=dict(vcfg) or None), dtype=DT, device=DEV)
-    return (LoadedModel("transformer", tr, "bench", "torch", dev, dt, variant=make_variant("klein", True, "4b")),
+    return (LoadedModel("transformer", tr, "bench", "torch", dev, dt, variant=FAMILIES["klein"].variant(True, tr.config)),
             LoadedModel("text_encoder", te, "bench", "torch", dev, dt),
             LoadedModel("vae", vae, "bench", "torch", dev, dt))
 

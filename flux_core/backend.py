@@ -168,7 +168,7 @@ def build_text_encoder(choice: Choice, ckpt, dtype: str, quantization: str, toke
     from .weights.qwen3 import to_native
 
     # Both encodings together need layers up to num_layers-1 (Z-Image's hs[-2]); the last layer and the final norm
-    # are never used, so they are not loaded (docs/MODELS.md, Qwen3 encodings).
+    # are never used, so they are not loaded (docs/MODELS.md §Q2).
     n_layers = Qwen3Config.from_state_dict(to_native(ckpt.sd), ckpt.config).num_layers
     if ckpt.metadata.get("fluxcore.prequantized"):
         model = impl(choice.backend).load_prequantized("qwen3", ckpt, dtype, choice.device,

@@ -108,7 +108,7 @@ class KleinConfig:
 
 def klein_position_ids(h: int, w: int, t: int = 0) -> np.ndarray:
     """Ids of an h x w grid of packed latent tokens, row-major: (t, row, col, 0). t = 0 for the noise image,
-    10, 20, ... for reference images (docs/MODELS.md, klein RoPE). int64 [h*w, 4]."""
+    10, 20, ... for reference images (docs/MODELS.md §K4). int64 [h*w, 4]."""
     ids = np.zeros((h * w, 4), dtype=np.int64)
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     ids[:, 0] = t
@@ -243,7 +243,7 @@ def ceil_seq(n: int) -> int:
 
 def zimage_position_ids(cap_padded: int, h_tokens: int, w_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """(caption ids [Lp, 3], image ids [Np, 3]) int64. Caption slot j -> (1+j, 0, 0) for all Lp slots (pads too);
-    image patch (h, w) -> (Lp+1, h, w), row-major; image pad tokens -> (0, 0, 0) (docs/MODELS.md, Z-Image RoPE)."""
+    image patch (h, w) -> (Lp+1, h, w), row-major; image pad tokens -> (0, 0, 0) (docs/MODELS.md §Z3)."""
     cap = np.zeros((cap_padded, 3), dtype=np.int64)
     cap[:, 0] = np.arange(1, cap_padded + 1)
     n = h_tokens * w_tokens
@@ -374,7 +374,7 @@ GN_EPS = 1e-6  # every GroupNorm in both VAEs (diffusers resnet_eps, BFL eps=1e-
 
 @dataclass
 class VAEConfig:
-    """Defaults are the real FLUX.2 VAE (diffusers `AutoencoderKLFlux2()` defaults, REFERENCE.md §1.6)."""
+    """Defaults are the real FLUX.2 VAE (diffusers `AutoencoderKLFlux2()` defaults, docs/MODELS.md §V1)."""
     kind: str = "flux2"                                       # "flux2" | "flux1"
     in_channels: int = 3
     out_channels: int = 3

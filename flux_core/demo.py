@@ -16,7 +16,7 @@ from pathlib import Path
 
 DEFAULT_DIR = Path.home() / ".cache" / "fluxcore" / "demo"
 
-# Tiny geometries (REFERENCE.md §5): every real structural feature kept (28 Qwen3 layers so hs 9/18/27 exist,
+# Tiny geometries (docs/MODELS.md §X): every real structural feature kept (28 Qwen3 layers so hs 9/18/27 exist,
 # 4 VAE levels for the real 8x factor, 4 RoPE axes, GQA), every width shrunk.
 QWEN = dict(vocab_size=261, hidden_size=32, intermediate_size=64, num_hidden_layers=28, num_attention_heads=2,
             num_key_value_heads=1, head_dim=16)
@@ -107,7 +107,7 @@ def write_demo_checkpoints(folder: Path | str = DEFAULT_DIR, seed: int = 0) -> d
     paths = {k: root / v for k, v in FILES.items()}
     write_byte_tokenizer(paths["tokenizer"])
     qwen = _random_state(_build(Qwen3Encoder, Qwen3Config(**QWEN)), seed)
-    # ComfyUI's qwen_3_4b.safetensors uses HF names with the `model.` prefix (REFERENCE.md §4.4).
+    # ComfyUI's qwen_3_4b.safetensors uses HF names with the `model.` prefix (docs/MODELS.md §Q6).
     save_safetensors({"model." + k: v for k, v in qwen.items()}, paths["text_encoder"])
     klein = _random_state(_build(Flux2Transformer, KleinConfig(**KLEIN)), seed + 1)
     save_safetensors(klein, paths["klein"], {"fluxcore.distilled": "true"})

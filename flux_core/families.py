@@ -10,7 +10,7 @@ convention, how a checkpoint is recognised, and the per-variant defaults. Adding
           CFG (base models only, g > 1) = neg + g·(pos − neg). Latent [B, 128, H/16, W/16] (FLUX.2 VAE, 2x2 patches).
   Z-Image σ = 3s / (1 + 2s) (static shift 3); t = 1 − σ; the network predicts x0 − noise (so v = −output);
           CFG (g > 0, "extra" guidance) = pos + g·(pos − neg). Latent [B, 16, H/8, W/8] (FLUX.1 VAE).
-(docs/MODELS.md holds the derivations and the diffusers code each rule matches.)
+(docs/MODELS.md §S1-§S4 holds the derivations and the diffusers code each rule matches.)
 
 Detection looks at keys, shapes and metadata, never at the file name. The distilled/base split of klein and the
 Turbo/base split of Z-Image are not visible in the weights (same architecture, same shapes): we read it from a

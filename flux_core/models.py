@@ -2,7 +2,7 @@
 
 A `LoadedModel` is what the sampler and the ComfyUI nodes hold: the backend's module plus what was decided about it
 (family, variant, backend, precision and the reason for each choice), so the UI can show what actually runs.
-Models live in this cache, never on node instances (HOUSE_STYLE 8); `release()` drops them explicitly.
+Models live in this cache, never on node instances (docs/CONTRIBUTING.md §C8); `release()` drops them explicitly.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ Both models are rectified flows sampled from σ=1 (noise) to σ=0 (data); they d
 
 What each network is fed and returns, and its CFG convention, are family rules (`flux_core/families.py`). The
 arithmetic mirrors diffusers' FlowMatchEulerDiscreteScheduler step by step (float32 numpy, the same casts), so the
-sigmas are bit-identical to diffusers' (docs/MODELS.md, schedules).
+sigmas are bit-identical to diffusers' (docs/MODELS.md §S2, §S3).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Prompt -> text embeddings for FLUX.2 [klein] and Z-Image, with the Qwen3 encoder (flux_core/torch/qwen3.py).
 
 Matches diffusers `Flux2KleinPipeline._get_qwen3_prompt_embeds` and `ZImagePipeline._encode_prompt` (float32 ~1e-6,
-tests/test_text.py). REFERENCE.md 0.1-0.3, 1.5, 2.4, 3.
+tests/test_text.py). docs/MODELS.md §Q1-§Q5.
 
   klein:   KLEIN_TEMPLATE (an empty think block: enable_thinking=False), right-padded with <|endoftext|> to 512
            tokens, truncated to 512, causal + padding mask, concat(hs[9], hs[18], hs[27]) per token -> [B, 512, 3H].

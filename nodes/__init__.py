@@ -1,7 +1,7 @@
 """FluxCore's ComfyUI nodes (V1 classic API): thin wrappers over `flux_core`, grouped by concern.
 
 Ids are stable and prefixed `FluxCore`; a changed meaning gets a new id and the old one stays, marked DEPRECATED
-(HOUSE_STYLE 7). Importing this package never needs ComfyUI (see host.py).
+(docs/CONTRIBUTING.md §C7). Importing this package never needs ComfyUI (see host.py).
 """
 from . import conditioning, host, loaders, sampler, vae
 

@@ -2,7 +2,7 @@
 
 Model handles: a loader node outputs a small `ModelRef` (the file and the load arguments plus what was decided),
 never the loaded model. Consumers call `ref.load()`, which is a cache hit in `flux_core.models` (keyed by file,
-backend, dtype, quantization). So the model lives in the library's cache only (HOUSE_STYLE 8): when ComfyUI
+backend, dtype, quantization). So the model lives in the library's cache only (docs/CONTRIBUTING.md §C8): when ComfyUI
 unloads models (/free, OOM) and we release that cache, nothing in ComfyUI's node-output cache keeps the weights
 alive, and the next run simply reloads them.
 """

@@ -5,7 +5,7 @@ interrupts through `comfy.model_management`, and our model cache follows ComfyUI
 `install_memory_hooks`). Outside ComfyUI (tests, scripts): files are listed under the roots given to
 `set_model_roots()` or env FLUXCORE_MODELS_DIR (os.pathsep-separated), each with the standard subfolders
 (`diffusion_models/`, `text_encoders/`, `vae/`, plus the legacy `unet/` and `clip/`); progress is a no-op.
-Nothing here configures logging or prints (HOUSE_STYLE 9).
+Nothing here configures logging or prints (docs/CONTRIBUTING.md §C9).
 """
 from __future__ import annotations
 

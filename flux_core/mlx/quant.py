@@ -16,7 +16,8 @@ modulation Linears for int4 only, never embeddings, norms or the small input / o
                has it; otherwise refused with a ConfigError. A saved fp8 FILE holds our per-row e4m3 scale, which
                mxfp8 cannot represent: it loads as a `DequantLinear` (mx.from_fp8 * scale in the forward).
 
-On a Linux CPU `quantized_matmul` is a slow scalar path: quantization is for Apple GPUs' memory, not CPU speed.
+On a Linux CPU `quantized_matmul` is a slow scalar path (docs/PERF.md §P7): quantization is for Apple GPUs'
+memory, not CPU speed.
 """
 from __future__ import annotations
 

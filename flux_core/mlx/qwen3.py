@@ -3,7 +3,7 @@
 The MLX twin of `flux_core/torch/qwen3.py`: same classes, same parameter names (HF keys without `model.`), same
 `(input_ids, attention_mask, output_layers)` call returning HF `hidden_states[k]` for each k, same key map
 (`flux_core.weights.qwen3`) and config (the torch file's `Qwen3Config`, pure Python). Equal to the torch model to
-~1e-6 relative in float32 (tests/test_mlx_qwen3.py), hence to HF transformers `Qwen3Model`. REFERENCE.md section 3.
+~1e-6 relative in float32 (tests/test_mlx_qwen3.py), hence to HF transformers `Qwen3Model`. docs/MODELS.md §Q1, §Q2.
 
 Architecture (Qwen3-4B; Qwen3-8B for klein-9B in brackets):
   embed_tokens 151936 x 2560 [4096]; 36 pre-norm decoder layers; final RMSNorm `norm`.

@@ -77,7 +77,7 @@ def _klein_step(net, family, cond, uncond, guidance, batch, h, w):
 
     dt = net.dtype
     ids, refs = [position_ids(h, w)], []
-    for i, ref in enumerate(cond.refs):  # reference i: t = 10·(i+1), h/w restart at 0 (REFERENCE §1.4)
+    for i, ref in enumerate(cond.refs):  # reference i: t = 10·(i+1), h/w restart at 0 (docs/MODELS.md §K4)
         ref = to_backend(ref)
         ids.append(position_ids(ref.shape[-2], ref.shape[-1], t=10 * (i + 1)))
         refs.append(pack(ref))

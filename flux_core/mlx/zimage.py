@@ -3,7 +3,7 @@
 The MLX twin of `flux_core/torch/zimage.py`: same classes, attribute (parameter) names and forward signature, the
 same original-layout state dict (`flux_core.weights.zimage.to_native` converts diffusers folders) and the torch
 file's `ZImageConfig`. Equal to the torch model to ~1e-6 relative in float32 (tests/test_mlx_zimage.py), and hence to
-diffusers 0.42.1 `ZImageTransformer2DModel`. REFERENCE.md §0.5, §0.6, §0.9, §0.10, §2.2, §2.3.
+diffusers 0.42.1 `ZImageTransformer2DModel`. docs/MODELS.md §Z2, §Z3, §S1.
 
 Architecture (Z-Image-Turbo, 6.155 B params): dim 3840 = 30 heads x 128, 30 main layers, 2 noise_refiner (modulated,
 image only), 2 context_refiner (unmodulated, caption only). 2x2 patches -> 64-vector (ph, pw, c), c fastest ->
@@ -99,7 +99,7 @@ class ZImageBlock(nn.Module):
         self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
-        if modulated:  # index .0: the original is a one-element Sequential; no SiLU before it (REFERENCE §0.5)
+        if modulated:  # index .0: the original is a one-element Sequential; no SiLU before it (docs/MODELS.md §Z2)
             self.adaLN_modulation = [nn.Linear(cfg.adaln_dim, 4 * cfg.dim)]
 
     def __call__(self, x, rope, mask, adaln=None):  # x [B, S, D], adaln [B, A]

@@ -1,7 +1,7 @@
 """Qwen3 decoder used as a text encoder (torch): the shared text model of FLUX.2 [klein] and Z-Image.
 
 Matches HF transformers `Qwen3Model` / `Qwen3ForCausalLM` (`hidden_states` with a padding mask, float32 to ~1e-6;
-tests/test_qwen3.py). REFERENCE.md section 3.
+tests/test_qwen3.py). docs/MODELS.md §Q1, §Q2.
 
 Architecture (Qwen3-4B; Qwen3-8B for klein-9B in brackets):
   embed_tokens 151936 x 2560 [4096]; 36 pre-norm decoder layers; final RMSNorm `norm`.

@@ -59,7 +59,7 @@ def _klein_denoiser(net, family, cond, uncond, guidance, batch, h, w):
     dev, dt = p.device, p.dtype
     ids = [position_ids(h, w)]
     refs = []
-    for i, ref in enumerate(cond.refs):  # reference i: t = 10·(i+1), h/w restart at 0 (REFERENCE §1.4)
+    for i, ref in enumerate(cond.refs):  # reference i: t = 10·(i+1), h/w restart at 0 (docs/MODELS.md §K4)
         ref = ref.to(dev)
         ids.append(position_ids(ref.shape[-2], ref.shape[-1], t=10 * (i + 1)))
         refs.append(pack(ref.float()))

@@ -1,7 +1,7 @@
 """The two FLUX VAEs in torch: FLUX.2 (klein) and FLUX.1 (Z-Image). Encoder and decoder.
 
 Matches diffusers 0.42.1 `AutoencoderKLFlux2` + the `Flux2KleinPipeline` latent handling, and `AutoencoderKL` + the
-Z-Image pipeline's scale/shift (REFERENCE.md §1.6, §2.5), to <= 1e-5 relative in float32 (tests/test_vae.py).
+Z-Image pipeline's scale/shift (docs/MODELS.md §V1, §V2), to <= 1e-5 relative in float32 (tests/test_vae.py).
 Module names are the LDM / BFL checkpoint keys (BFL `src/flux2/autoencoder.py`), so original files load one to one;
 diffusers folders go through flux_core/weights/vae.py.
 

@@ -2,7 +2,7 @@
 
 Matches diffusers 0.42.1 `ZImageTransformer2DModel` (basic, non-Omni mode) to float32 rounding; module names are the
 ORIGINAL checkpoint keys (Tongyi / ComfyUI single file), so those files load one to one and diffusers folders go
-through `flux_core.weights.zimage.DIFFUSERS`. REFERENCE.md §0.5, §0.6, §0.9, §0.10, §2.2, §2.3.
+through `flux_core.weights.zimage.DIFFUSERS`. docs/MODELS.md §Z2, §Z3, §S1.
 
 Architecture (Z-Image-Turbo, 6.155 B params):
   dim 3840 = 30 heads x 128, 30 main layers, 2 noise_refiner (modulated, image only), 2 context_refiner (unmodulated,
@@ -94,7 +94,7 @@ class ZImageBlock(nn.Module):
         self.attention_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps)
-        if modulated:  # index .0: the original is a one-element Sequential; no SiLU before it (REFERENCE §0.5)
+        if modulated:  # index .0: the original is a one-element Sequential; no SiLU before it (docs/MODELS.md §Z2)
             self.adaLN_modulation = nn.Sequential(nn.Linear(cfg.adaln_dim, 4 * cfg.dim))
 
     def forward(self, x, rope, mask, adaln=None):  # x [B, S, D], adaln [B, A]

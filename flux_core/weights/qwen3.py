@@ -1,6 +1,6 @@
 """Qwen3 text-encoder checkpoints -> our layout (HF names without the leading `model.`).
 
-Layouts seen in the wild (REFERENCE.md 4.4):
+Layouts seen in the wild (docs/MODELS.md §Q6):
   - ComfyUI / HF single file `qwen_3_4b.safetensors`: `model.embed_tokens.weight`, `model.layers.N.*`,
     `model.norm.weight`, sometimes `lm_head.weight` (tied to the embedding, unused by an encoder).
   - diffusers klein `text_encoder/` (Qwen3ForCausalLM, sharded + index): same names.

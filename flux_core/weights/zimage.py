@@ -10,7 +10,7 @@ Layouts seen in the wild:
              `all_x_embedder.2-1` / `all_final_layer.2-1` (ModuleDicts keyed "patch-fpatch"; every published model
              is 2-1).
 Everything else (feed_forward, the four sandwich norms, adaLN_modulation, t_embedder, cap_embedder, pad tokens) has
-the same name in both. REFERENCE.md §4.2 and REFERENCE_KEYS.md list the real-size table.
+the same name in both. docs/MODELS.md §Z4 lists the real-size table.
 """
 from __future__ import annotations
 
