@@ -3,7 +3,7 @@
     python bench/bench_dit.py --model klein --sizes 1024,512 --out DIR      (on a GPU; see bench/run_gpu.sh)
     python bench/bench_dit.py --model klein --tiny                          (CPU smoke test at toy sizes)
 
-Method (as ../shared/PERF_ANCHORS.md): bf16 weights drawn N(0, 0.02) (1-D norm scales N(1, 0.02)); never zeros.
+Method (as docs/PERF.md): bf16 weights drawn N(0, 0.02) (1-D norm scales N(1, 0.02)); never zeros.
 The weights are drawn once in the diffusers layout and converted to ours with our key map, so both models compute the
 same function; the relative difference of the outputs is printed as a sanity check. torch.inference_mode, batch 1,
 CUDA events, warm-up calls, then the median of --reps calls. "ours" passes the RoPE table it builds once per

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .errors import FluxCoreError
+from .samplers import DEFAULT_SAMPLER, SAMPLERS
 
 log = logging.getLogger("flux_core")
 
@@ -37,6 +38,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--steps", type=int, help="default: 4 (klein), 50 (klein base), 8 (Z-Image-Turbo)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
+                   help="euler (default; what diffusers does) or res_multistep (ComfyUI's, as in its official "
+                        "Z-Image-Turbo template: the same image as that template at the same seed)")
     p.add_argument("--guidance", type=float, help="CFG scale for base models (klein base 4.0; Z-Image g>0 enables CFG)")
     p.add_argument("--variant", choices=["auto", "distilled", "base"], default="auto",
                    help="distilled/Turbo or base, when the file does not say (default: distilled)")
@@ -51,6 +55,13 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-latent", help="also save the final latent (safetensors, key 'latent', native layout)")
     p.add_argument("--compile", action="store_true",
                    help="torch: compile the transformer blocks (faster steps on CUDA after a one-off compile)")
+    p.add_argument("--offload", choices=["auto", "none", "model", "blocks"], default="auto",
+                   help="CUDA: keep weights in host memory and copy them in when used: model = whole components "
+                        "between stages, blocks = transformer / text-encoder blocks streamed while the previous "
+                        "one computes (about 2 GB for klein-4B); auto = none when it fits, else blocks. MLX / CPU: "
+                        "none (unified memory)")
+    p.add_argument("--vae-tile", default="auto", metavar="auto|off|PX",
+                   help="VAE in overlapping tiles of PX pixels (auto: above 2 MP or when memory is short)")
     p.add_argument("--release-text-encoder", choices=["auto", "yes", "no"], default="auto",
                    help="free the text encoder after encoding (auto: on devices with less than 32 GB)")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -69,15 +80,17 @@ def _components(args):
 
 
 def run_generate(args) -> list[Path]:
-    from . import models, pipeline
+    from . import models, pipeline, tiling
 
     model_path, te_path, vae_path, tok = _components(args)
     distilled = {"auto": None, "distilled": True, "base": False}[args.variant]
     t0 = time.perf_counter()
+    tiling.parse_option(args.vae_tile)  # a bad value fails before any loading
     transformer = models.load_transformer(model_path, args.backend, args.device, args.dtype, args.quantization,
-                                          distilled=distilled, compile=args.compile)
-    text_encoder = models.load_text_encoder(te_path, tok, args.backend, args.device, args.dtype, args.quantization)
-    vae = models.load_vae(vae_path, args.backend, args.device, args.dtype)
+                                          distilled=distilled, compile=args.compile, offload=args.offload)
+    text_encoder = models.load_text_encoder(te_path, tok, args.backend, args.device, args.dtype, args.quantization,
+                                            offload=args.offload)
+    vae = models.load_vae(vae_path, args.backend, args.device, args.dtype, offload=args.offload)
     for m in (transformer, text_encoder, vae):
         log.info("loaded %s (%s)", m.describe(), "; ".join(m.notes))
     log.info("loading took %.1f s", time.perf_counter() - t0)
@@ -95,8 +108,10 @@ def run_generate(args) -> list[Path]:
     gen = pipeline.generate(transformer, text_encoder, vae, args.prompt, negative_prompt=args.negative_prompt,
                             width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
                             seed=seed, batch_size=args.batch_size, references=refs, init_image=init,
+                            sampler=args.sampler,
                             strength=args.strength if init is not None else 1.0, callback=progress,
-                            release_text_encoder={"auto": None, "yes": True, "no": False}[args.release_text_encoder])
+                            release_text_encoder={"auto": None, "yes": True, "no": False}[args.release_text_encoder],
+                            vae_tile=args.vae_tile)
     log.info("generation took %.2f s", time.perf_counter() - t1)
     gen.params.update({"model_file": Path(model_path).name, "text_encoder_file": Path(te_path).name,
                        "vae_file": Path(vae_path).name})

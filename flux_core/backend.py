@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "mlx", "torch")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = ("none", "int8", "int4", "fp8")
+OFFLOADS = ("auto", "none", "model", "blocks")
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,17 @@ def build_text_encoder(choice: Choice, ckpt, dtype: str, quantization: str, toke
 
 def load_vae(choice: Choice, ckpt, dtype: str):
     return impl(choice.backend).load_vae(ckpt, dtype, choice.device)
+
+
+def free_bytes(choice: Choice) -> int | None:
+    """Free device memory in bytes where it is known (CUDA), else None (CPU, MPS, MLX's unified memory)."""
+    return impl(choice.backend).free_bytes(choice.device)
+
+
+def offload(choice: Choice, module, mode: str, spare_bytes: int = 0) -> str:
+    """Keep a host-loaded module's weights on the host and bring them to the device when it runs (docs/MEMORY.md);
+    `spare_bytes` of device memory beyond the streaming minimum keep some blocks resident (fewer copies per step)."""
+    return impl(choice.backend).offload(module, choice.device, mode, spare_bytes)
 
 
 def device_memory_gb(backend: str, device: str) -> float:

@@ -1,8 +1,10 @@
-"""Loading the three components from files, with a cache keyed by (file, backend, dtype, quantization).
+"""Loading the three components from files, with a cache keyed by (file, backend, dtype, quantization, offload).
 
 A `LoadedModel` is what the sampler and the ComfyUI nodes hold: the backend's module plus what was decided about it
 (family, variant, backend, precision and the reason for each choice), so the UI can show what actually runs.
 Models live in this cache, never on node instances (docs/CONTRIBUTING.md §C8); `release()` drops them explicitly.
+Before a file is read, its device-memory need is estimated from the header and a load that cannot fit is refused
+with the settings that would (flux_core/memory.py); `offload` keeps weights in host memory (docs/MEMORY.md).
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import backend as backends
+from . import memory
 from .errors import ConfigError, WeightError
 from .families import VAE_KINDS, Family, Variant, detect_family, read_is_distilled
 from .weights.io import load_checkpoint
@@ -33,6 +36,7 @@ class LoadedModel:
     quantization: str = "none"
     variant: Variant | None = None
     notes: list[str] = field(default_factory=list)  # why this backend / precision / variant was chosen
+    offload: str = "none"     # none | model | blocks (what was decided from the asked-for mode)
 
     @property
     def family(self) -> Family | None:
@@ -42,6 +46,8 @@ class LoadedModel:
         parts = [self.kind, Path(self.source).name, f"{self.backend}:{self.device}", self.dtype]
         if self.quantization != "none":
             parts.append(self.quantization)
+        if self.offload != "none":
+            parts.append(f"offload {self.offload}")
         if self.variant:
             parts.append(self.variant.name)
         return " | ".join(parts)
@@ -95,15 +101,43 @@ def _resolve(backend: str, device: str | None, dtype: str | None):
     return choice, dt
 
 
+def _placement(path, kind: str, choice, dtype: str, quantization: str, offload: str):
+    """(offload mode, the Choice to load with, why, spare bytes): resolve `auto` from the free memory, refuse what
+    cannot fit (before anything is read), and load on the host when the weights are to be offloaded."""
+    free = backends.free_bytes(choice)
+    specs = memory.checkpoint_specs(path, kind)
+    mode, why = memory.resolve_offload(offload, choice.backend, choice.device, specs, kind, dtype, quantization,
+                                       lambda: free)
+    if offload == "auto" and mode == "none" and free is not None and any(
+            m.offload != "none" and m.device == choice.device for m in cached_models()):
+        # an offloaded component measured the free memory without this one: it must take turns with it, or it
+        # would hold its memory while that one runs
+        mode, why = "model", "offload model: other components on this device are offloaded and take turns with it"
+    need = memory.check_fits(path, kind, dtype, quantization, mode, lambda: free)
+    spare = max(0, free - need) if free is not None and need is not None else 0
+    return mode, (replace(choice, device="cpu") if mode != "none" else choice), why, spare
+
+
+def _offload(choice, module, mode: str, notes: list, spare: int = 0) -> None:
+    if mode != "none":
+        notes.append(backends.offload(choice, module, mode, spare))
+
+
 def load_transformer(path, backend: str = "auto", device: str | None = None, dtype: str | None = None,
-                     quantization: str = "none", distilled: bool | None = None, compile: bool = False) -> LoadedModel:
+                     quantization: str = "none", distilled: bool | None = None, compile: bool = False,
+                     offload: str = "auto") -> LoadedModel:
     """A klein or Z-Image transformer from a single file, a transformer/ folder or a diffusers pipeline folder.
     compile=True (torch): each transformer block is compiled with torch.compile on first use (regional compilation:
-    one block per type compiles once, ~1.4x faster steps on CUDA; the first generation pays the compile)."""
+    one block per type compiles once, ~1.4x faster steps on CUDA; the first generation pays the compile).
+    offload: none | model | blocks | auto (CUDA: none when it fits in free memory, else blocks; elsewhere none)."""
     choice, dt = _resolve(backend, device, dtype)
     backends.check_quantization(quantization, choice)
 
     def build():
+        mode, load_choice, why, spare = _placement(path, "transformer", choice, dt, quantization, offload)
+        if compile and mode != "none":
+            raise ConfigError(f"compile cannot be combined with offload {mode} (the weights move between the "
+                              "compiled calls): turn compile off, or free memory for offload none")
         ckpt = load_checkpoint(path, component="transformer")
         label, pre_note = _prequantized(ckpt, quantization)
         family = detect_family(ckpt.sd)
@@ -120,21 +154,24 @@ def load_transformer(path, backend: str = "auto", device: str | None = None, dty
                 flag = distilled
             else:
                 notes.append(f"{'distilled' if flag else 'base'} (from the checkpoint's metadata)")
-        module = backends.load_transformer(choice, family, ckpt, dt, quantization)
+        module = backends.load_transformer(load_choice, family, ckpt, dt, quantization)
+        notes.append(why)
+        _offload(choice, module, mode, notes, spare)
         if compile:
             notes.append(backends.compile_blocks(module, choice))
         variant = family.variant(flag, module.config)
         return LoadedModel("transformer", module, ckpt.source, choice.backend, choice.device, dt, label,
-                           variant, notes + pre_note)
+                           variant, notes + pre_note, mode)
 
-    key = _key("transformer", path, choice.backend + choice.device, dt, quantization, (distilled, compile))
+    key = _key("transformer", path, choice.backend + choice.device, dt, quantization, (distilled, compile, offload))
     return _cached(key, build)
 
 
 def load_text_encoder(path, tokenizer: str | None = None, backend: str = "auto", device: str | None = None,
                       dtype: str | None = None, quantization: str = "none",
-                      tokenizer_search: tuple = ()) -> LoadedModel:
-    """Qwen3 text encoder; the tokenizer is looked for next to the weights, in `tokenizer_search`, or at `tokenizer`."""
+                      tokenizer_search: tuple = (), offload: str = "auto") -> LoadedModel:
+    """Qwen3 text encoder; the tokenizer is looked for next to the weights, in `tokenizer_search`, or at `tokenizer`.
+    offload: as for load_transformer (blocks streams the Qwen3 layers)."""
     from .text import QwenTokenizer, find_tokenizer
 
     choice, dt = _resolve(backend, device, dtype)
@@ -142,13 +179,16 @@ def load_text_encoder(path, tokenizer: str | None = None, backend: str = "auto",
     tok_dir = find_tokenizer(explicit=tokenizer, near=(path,), extra_dirs=tuple(tokenizer_search))
 
     def build():
+        mode, load_choice, why, spare = _placement(path, "text_encoder", choice, dt, quantization, offload)
         ckpt = load_checkpoint(path, component="text_encoder")
         label, pre_note = _prequantized(ckpt, quantization)
-        encoder = backends.build_text_encoder(choice, ckpt, dt, quantization, QwenTokenizer(tok_dir))
+        encoder = backends.build_text_encoder(load_choice, ckpt, dt, quantization, QwenTokenizer(tok_dir))
+        notes = [choice.reason, f"tokenizer: {tok_dir}", why] + pre_note
+        _offload(choice, encoder.model, mode, notes, spare)
         return LoadedModel("text_encoder", encoder, ckpt.source, choice.backend, choice.device, dt, label,
-                           None, [choice.reason, f"tokenizer: {tok_dir}"] + pre_note)
+                           None, notes, mode)
 
-    key = _key("text_encoder", path, choice.backend + choice.device, dt, quantization, (str(tok_dir),))
+    key = _key("text_encoder", path, choice.backend + choice.device, dt, quantization, (str(tok_dir), offload))
     return _cached(key, build)
 
 
@@ -165,16 +205,21 @@ def _prequantized(ckpt, quantization: str) -> tuple[str, list[str]]:
     return label, [prequant.describe(ckpt.metadata)]
 
 
-def load_vae(path, backend: str = "auto", device: str | None = None, dtype: str | None = None) -> LoadedModel:
+def load_vae(path, backend: str = "auto", device: str | None = None, dtype: str | None = None,
+             offload: str = "auto") -> LoadedModel:
+    """offload: none | model | auto (blocks means model here: the VAE moves whole)."""
     choice, dt = _resolve(backend, device, dtype)
+    offload = "model" if offload == "blocks" else offload
 
     def build():
+        mode, load_choice, why, _ = _placement(path, "vae", choice, dt, "none", offload)
         ckpt = load_checkpoint(path, component="vae")
-        vae = backends.load_vae(choice, ckpt, dt)
-        return LoadedModel("vae", vae, ckpt.source, choice.backend, choice.device, dt, "none", None,
-                           [choice.reason, f"{vae.kind.upper()} VAE detected from the keys"])
+        vae = backends.load_vae(load_choice, ckpt, dt)
+        notes = [choice.reason, f"{vae.kind.upper()} VAE detected from the keys", why]
+        _offload(choice, vae, mode, notes)
+        return LoadedModel("vae", vae, ckpt.source, choice.backend, choice.device, dt, "none", None, notes, mode)
 
-    key = _key("vae", path, choice.backend + choice.device, dt, "none")
+    key = _key("vae", path, choice.backend + choice.device, dt, "none", (offload,))
     return _cached(key, build)
 
 

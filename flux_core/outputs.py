@@ -30,8 +30,8 @@ def _a1111_style(p: dict) -> str:
     text = p.get("prompt", "")
     if p.get("negative_prompt"):
         text += f"\nNegative prompt: {p['negative_prompt']}"
-    return text + (f"\nSteps: {p['steps']}, CFG scale: {p['guidance']}, Seed: {p['seed']}, "
-                   f"Size: {p['width']}x{p['height']}, Model: {p.get('model')}")
+    return text + (f"\nSteps: {p['steps']}, Sampler: {p.get('sampler', 'euler')}, CFG scale: {p['guidance']}, "
+                   f"Seed: {p['seed']}, Size: {p['width']}x{p['height']}, Model: {p.get('model')}")
 
 
 def save_latent(latent, path: str, params: dict) -> None:

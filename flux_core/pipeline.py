@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from . import schedule
+from . import samplers, schedule
 from .backend import impl
-from .errors import ConfigError, Interrupted
+from .errors import ConfigError
 from .families import MAX_SEED
 from .models import LoadedModel, check_pair, check_text_width
 
@@ -118,13 +118,23 @@ def prepare_reference(image, multiple: int, keep_size: bool = False):
     return arr.transpose(2, 0, 1)[None].copy()
 
 
-def encode_image(vae: LoadedModel, pixels01):
-    """[B,3,H,W] 0..1 (numpy or backend array) -> latent in the model's native layout."""
-    return vae.module.encode(_to_backend(pixels01, vae))
+def encode_image(vae: LoadedModel, pixels01, tile="auto"):
+    """[B,3,H,W] 0..1 (numpy or backend array) -> latent in the model's native layout. tile: auto | off | pixels."""
+    x = _to_backend(pixels01, vae)
+    return vae.module.encode(x, tile=tile_for(vae, tile, int(x.shape[-2]), int(x.shape[-1])))
 
 
-def encode_reference(vae: LoadedModel, image, keep_size: bool = False):
-    return encode_image(vae, prepare_reference(image, vae.module.downscale, keep_size))
+def encode_reference(vae: LoadedModel, image, keep_size: bool = False, tile="auto"):
+    return encode_image(vae, prepare_reference(image, vae.module.downscale, keep_size), tile)
+
+
+def tile_for(vae: LoadedModel, option, height: int, width: int) -> int | None:
+    """The VAE tile side in pixels for an image of height x width (None: one pass), from the option (auto | off |
+    pixels), the image size and, where known (CUDA), the free device memory (flux_core/tiling.py)."""
+    from . import memory, tiling
+
+    free = impl(vae.backend).free_bytes(vae.device) if tiling.parse_option(option) == "auto" else None
+    return tiling.resolve_tile(option, height, width, memory.DTYPE_BYTES[vae.dtype], free)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,18 +240,21 @@ class SampleResult:
     width: int = 0
     height: int = 0
     cfg: bool = False
+    sampler: str = samplers.DEFAULT_SAMPLER
 
 
 def sample(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None = None, *,
            width: int | None = None, height: int | None = None, steps: int | None = None,
            guidance: float | None = None, seed: int = 0, noise=None, batch_size: int | None = None,
-           init_latent=None, strength: float = 1.0,
+           init_latent=None, strength: float = 1.0, sampler: str = samplers.DEFAULT_SAMPLER,
            callback: Callable | None = None, interrupt: Callable[[], bool] | None = None) -> SampleResult:
     """The denoising loop, shared by both families and both backends (after `prepare`'s rules).
 
     noise: optional explicit float32 [B, C, h, w] (the seed's noise otherwise). init_latent + strength < 1: start
     from the encoded image at σ[start] (image-to-image). callback(step, total, latent) after every step;
-    interrupt() is polled before every step and raises Interrupted."""
+    interrupt() is polled before every step and raises Interrupted. sampler: "euler" (what diffusers and the
+    reference pipelines do) or "res_multistep" (ComfyUI's, as in its official Z-Image template); see samplers.py."""
+    samplers.check_sampler(sampler)
     req = prepare(model, cond, uncond, width=width, height=height, steps=steps, guidance=guidance,
                   batch_size=batch_size, init_latent=init_latent, strength=strength)
     family = model.family
@@ -260,23 +273,13 @@ def sample(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None =
     ops = impl(model.backend, "runtime")
     denoise = ops.make_denoiser(model, req.cond, req.uncond, req.guidance, req.batch, h, w)
     x = ops.initial_latent(noise, req.init_latent, sigmas[start], model)
-    x = euler(denoise, x, sigmas, family, start, callback, interrupt, ops)
-    return SampleResult(x, int(seed), req.steps, req.guidance, sigmas, req.width, req.height, req.cfg)
+    x = samplers.run(sampler, denoise, x, sigmas, family, start, callback, interrupt, ops)
+    return SampleResult(x, int(seed), req.steps, req.guidance, sigmas, req.width, req.height, req.cfg, sampler)
 
 
 def euler(denoise, x, sigmas, family, start: int = 0, callback=None, interrupt=None, ops=None):
     """x <- x + (σ_{i+1} − σ_i)·v, with v in the FLUX convention (noise − x0); float32 between steps."""
-    total = len(sigmas) - 1 - start
-    for n, i in enumerate(range(start, len(sigmas) - 1)):
-        if interrupt is not None and interrupt():
-            raise Interrupted(f"interrupted before step {n + 1} of {total}")
-        v = denoise(x, family.model_time(sigmas[i]))
-        x = x + float(np.float32(sigmas[i + 1] - sigmas[i])) * v
-        if ops is not None:
-            x = ops.step_done(x)
-        if callback is not None:
-            callback(n + 1, total, x)
-    return x
+    return samplers.run("euler", denoise, x, sigmas, family, start, callback, interrupt, ops)
 
 
 def _to_backend(arr, model: LoadedModel):
@@ -286,9 +289,12 @@ def _to_backend(arr, model: LoadedModel):
 # ----------------------------------------------------------------------------------------------------------------
 # 4. decode and the whole thing
 
-def decode(vae: LoadedModel, latent):
-    """Native latent -> float32 numpy images [B, H, W, 3] in 0..1 (ComfyUI's IMAGE layout)."""
-    images = vae.module.decode(_to_backend(latent, vae))
+def decode(vae: LoadedModel, latent, tile="auto"):
+    """Native latent -> float32 numpy images [B, H, W, 3] in 0..1 (ComfyUI's IMAGE layout). tile: auto | off |
+    pixels (auto: tiled above ~2 MP or when the untiled pass would not fit in free device memory)."""
+    z = _to_backend(latent, vae)
+    s = vae.module.downscale
+    images = vae.module.decode(z, tile=tile_for(vae, tile, int(z.shape[-2]) * s, int(z.shape[-1]) * s))
     return impl(vae.backend, "runtime").to_numpy(images).transpose(0, 2, 3, 1)
 
 
@@ -315,13 +321,16 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
              negative_prompt: str = "", width: int | None = None, height: int | None = None,
              steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 1,
              references=(), init_image=None, strength: float = 1.0, noise=None,
-             callback=None, interrupt=None, release_text_encoder: bool | None = None) -> Generation:
+             sampler: str = samplers.DEFAULT_SAMPLER, callback=None, interrupt=None,
+             release_text_encoder: bool | None = None, vae_tile="auto") -> Generation:
     """The whole job. `release_text_encoder`: drop the text encoder from memory once the prompts are encoded
-    (None = automatically on devices with less than 32 GB, as flux.c and mflux do)."""
+    (None = automatically on devices with less than 32 GB, as flux.c and mflux do). `vae_tile`: auto | off | pixels
+    for every VAE pass (references, init image, decode)."""
     from . import backend as backends
     from .models import release
 
     variant, family = transformer.variant, transformer.family
+    samplers.check_sampler(sampler)
     check_pair(transformer, vae)
     if references and not family.references:
         raise ConfigError(f"reference images are not a {family.title} feature; for Z-Image use an init image (img2img)")
@@ -340,22 +349,24 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
         release(text_encoder)
         text_encoder.module.release()
     for ref in references:
-        cond = cond.with_reference(encode_reference(vae, ref))
+        cond = cond.with_reference(encode_reference(vae, ref, tile=vae_tile))
     init_latent = None
     if init_image is not None:
         pil = to_pil(init_image)
         m = family.size_multiple
         size = (width or pil.size[0] // m * m, height or pil.size[1] // m * m)
         pil = pil.resize(size, _lanczos()) if pil.size != size else pil
-        init_latent = encode_image(vae, (np.asarray(pil, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None])
+        init_latent = encode_image(vae, (np.asarray(pil, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None],
+                                   vae_tile)
     res = sample(transformer, cond, uncond, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
                  noise=noise, batch_size=batch_size, init_latent=init_latent, strength=strength,
-                 callback=callback, interrupt=interrupt)
-    images = decode(vae, res.latent)
+                 sampler=sampler, callback=callback, interrupt=interrupt)
+    images = decode(vae, res.latent, vae_tile)
     if transformer.backend == "mlx":
         backends.empty_cache()  # MLX keeps freed buffers in its cache until told; clear between generations
     params = {"model": variant.name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": res.seed,
-              "steps": res.steps, "guidance": res.guidance, "width": res.width, "height": res.height,
+              "steps": res.steps, "sampler": res.sampler, "guidance": res.guidance, "width": res.width,
+              "height": res.height,
               "references": len(references), "strength": strength if init_image is not None else None,
               "backend": transformer.backend, "dtype": transformer.dtype}
     return Generation(images, res.latent, res.seed, params)

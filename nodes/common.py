@@ -21,12 +21,21 @@ CONDITIONING = "FLUXCORE_CONDITIONING"
 BACKEND_OPTIONS = list(fc_backend.BACKENDS)
 DTYPE_OPTIONS = list(fc_backend.DTYPES)
 QUANT_OPTIONS = list(fc_backend.QUANTIZATIONS)
+OFFLOAD_OPTIONS = list(fc_backend.OFFLOADS)
+VAE_TILE_OPTIONS = ["auto", "off", "512", "768", "1024"]
 
 BACKEND_TIP = ("auto: MLX on Apple Silicon when mlx is installed, else torch on CUDA, MPS or CPU. "
                "mlx / torch: force one (an error says what is missing).")
 DTYPE_TIP = "auto: bfloat16 on GPUs and MLX, float32 on a CPU (where bf16 is slow). The badge shows the choice."
 QUANT_TIP = ("Quantize the weights at load time (none | int8 | int4 | fp8 where the backend supports it). "
              "Files that are already fp8 load either way; pre-quantized files (.gguf, FluxCore quantized) need none.")
+OFFLOAD_TIP = ("CUDA: where the weights live between uses. auto: ComfyUI's memory management decides (the model "
+               "moves to system RAM when ComfyUI needs the VRAM, and streams its blocks when it does not fit; "
+               "blocks always under --lowvram). model: on the GPU only while it runs. blocks: transformer blocks "
+               "streamed from system RAM while the previous one computes (klein-4B in ~2 GB of VRAM, ~1.5x slower "
+               "steps). MLX and CPU: only auto / none (unified memory, nothing to move).")
+VAE_TILE_TIP = ("Decode / encode in overlapping tiles of this many pixels (less memory, about 2x the time, tiny "
+                "differences from one pass). auto: tiles above 2 MP or when the GPU's free memory is short.")
 
 @dataclass(frozen=True)
 class ModelRef:
@@ -42,17 +51,26 @@ class ModelRef:
     family: str | None = None          # transformer: the family's name (klein | zimage); vae: its kind (flux2 | flux1)
     variant: object = None             # flux_core.families.Variant (transformer)
     compile: bool = False              # transformer: regional torch.compile
+    offload: str = "auto"              # as asked: auto | none | model | blocks
 
     def load(self):
+        """The model from the library's cache, then ComfyUI's memory management makes room and places it."""
+        from flux_core import memory as fc_memory
         from flux_core import models
 
+        from . import memory
+
+        off = memory.resolve_offload(self.offload)
         if self.kind == "transformer":
-            return models.load_transformer(self.path, self.backend, None, self.dtype, self.quantization,
-                                           self.distilled, compile=self.compile)
-        if self.kind == "text_encoder":
-            return models.load_text_encoder(self.path, self.tokenizer, self.backend, None, self.dtype,
-                                            self.quantization, tokenizer_search=self.tokenizer_search)
-        return models.load_vae(self.path, self.backend, None, self.dtype)
+            loaded = models.load_transformer(self.path, self.backend, None, self.dtype, self.quantization,
+                                             self.distilled, compile=self.compile, offload=off)
+        elif self.kind == "text_encoder":
+            loaded = models.load_text_encoder(self.path, self.tokenizer, self.backend, None, self.dtype,
+                                              self.quantization, tokenizer_search=self.tokenizer_search, offload=off)
+        else:
+            loaded = models.load_vae(self.path, self.backend, None, self.dtype, offload=off)
+        memory.use(loaded, fc_memory.WORKING_BYTES[self.kind])
+        return loaded
 
 
 def describe(loaded, extra: str = "") -> dict:
@@ -60,6 +78,8 @@ def describe(loaded, extra: str = "") -> dict:
     parts = [f"{loaded.backend}:{loaded.device}", loaded.dtype]
     if loaded.quantization != "none":
         parts.append(loaded.quantization)
+    if getattr(loaded, "offload", "none") != "none":
+        parts.append(f"offload {loaded.offload}")
     if loaded.variant is not None:
         parts.append(loaded.variant.name)
     if extra:

@@ -13,6 +13,8 @@ import logging
 import os
 from pathlib import Path
 
+from . import memory
+
 log = logging.getLogger(__name__)
 
 try:  # ComfyUI puts these top-level modules on sys.path; a plain `pytest` run has none of them
@@ -172,11 +174,14 @@ def _release_for_device(device, memory_required: float) -> None:
         if model_management.get_free_memory(device) >= memory_required:
             return
         log.info("fluxcore: releasing %s for ComfyUI (memory pressure)", m.describe())
+        memory.forget(m)
         models.release(m)
 
 
 def install_memory_hooks() -> bool:
-    """Make ComfyUI's memory management cover our cache.
+    """Make ComfyUI's memory management cover our cache. (Our torch CUDA models are also registered with it as
+    ModelPatchers, nodes/memory.py, so ComfyUI moves them to system RAM like its own; these hooks are the backstop
+    that frees the RAM as well.)
 
     ComfyUI has no public hook for foreign model caches, so we wrap two module functions that every path goes
     through (main.py looks them up as attributes, so wrapping works): `unload_all_models` (the /free endpoint's
@@ -196,6 +201,7 @@ def install_memory_hooks() -> bool:
             if models.cached_models():
                 log.info("fluxcore: ComfyUI unloads all models; releasing %d FluxCore models",
                          len(models.cached_models()))
+                memory.forget()
                 models.release()
         except Exception:
             log.warning("fluxcore: could not release the model cache", exc_info=True)

@@ -11,8 +11,8 @@ from flux_core.errors import ConfigError
 from flux_core.families import VAE_KINDS
 
 from . import host
-from .common import (BACKEND_OPTIONS, BACKEND_TIP, CATEGORY, DTYPE_OPTIONS, DTYPE_TIP, MODEL, QUANT_OPTIONS,
-                     QUANT_TIP, TEXT_ENCODER, VAE, ModelRef, describe, ui)
+from .common import (BACKEND_OPTIONS, BACKEND_TIP, CATEGORY, DTYPE_OPTIONS, DTYPE_TIP, MODEL, OFFLOAD_OPTIONS,
+                     OFFLOAD_TIP, QUANT_OPTIONS, QUANT_TIP, TEXT_ENCODER, VAE, ModelRef, describe, ui)
 
 _CATEGORY = CATEGORY + "/loaders"
 LOADER_NODES = {"klein": "FluxCore klein Model Loader", "zimage": "FluxCore Z-Image Model Loader"}  # by family
@@ -52,13 +52,15 @@ class _TransformerLoader:
             "quantization": (QUANT_OPTIONS, {"default": "none", "tooltip": QUANT_TIP}),
             "variant": (list(cls.VARIANTS), {"default": "auto", "tooltip": cls.VARIANT_TIP}),
             "compile": ("BOOLEAN", {"default": False, "tooltip": COMPILE_TIP}),
+            "offload": (OFFLOAD_OPTIONS, {"default": "auto", "tooltip": OFFLOAD_TIP}),
         }}
 
-    def load(self, model_name, backend, dtype, quantization, variant, compile=False):
+    def load(self, model_name, backend, dtype, quantization, variant, compile=False, offload="auto"):
         path = host.model_path("diffusion_models", model_name)
         if variant not in self.VARIANTS:
             raise ConfigError(f"variant must be one of {', '.join(self.VARIANTS)}, got {variant!r}")
-        ref = ModelRef("transformer", path, backend, dtype, quantization, self.VARIANTS[variant], compile=bool(compile))
+        ref = ModelRef("transformer", path, backend, dtype, quantization, self.VARIANTS[variant], compile=bool(compile),
+                       offload=offload)
         loaded = _load(ref)
         if loaded.family.name != self.FAMILY:
             raise ConfigError(f"{model_name} is a {loaded.variant.name} model, not {self.LABEL}: load it with the "
@@ -112,6 +114,7 @@ class TextEncoderLoader:
             "backend": (BACKEND_OPTIONS, {"default": "auto", "tooltip": BACKEND_TIP}),
             "dtype": (DTYPE_OPTIONS, {"default": "auto", "tooltip": DTYPE_TIP}),
             "quantization": (QUANT_OPTIONS, {"default": "none", "tooltip": QUANT_TIP}),
+            "offload": (OFFLOAD_OPTIONS, {"default": "auto", "tooltip": OFFLOAD_TIP}),
         }, "optional": {
             "tokenizer": ("STRING", {"default": "",
                                      "tooltip": "Optional folder with the Qwen tokenizer (tokenizer.json, or "
@@ -119,10 +122,10 @@ class TextEncoderLoader:
                                                 "ComfyUI's bundled qwen25_tokenizer."}),
         }}
 
-    def load(self, text_encoder, backend, dtype, quantization, tokenizer=""):
+    def load(self, text_encoder, backend, dtype, quantization, offload="auto", tokenizer=""):
         path = host.model_path("text_encoders", text_encoder)
         ref = ModelRef("text_encoder", path, backend, dtype, quantization, None, (tokenizer or "").strip() or None,
-                       host.tokenizer_dirs())
+                       host.tokenizer_dirs(), offload=offload)
         loaded = _load(ref)
         payload = describe(loaded)
         return ui(payload, (ref,))

@@ -1,4 +1,4 @@
-"""The Rectified-Flow Sampler node: one Euler loop for klein and Z-Image (flux_core.pipeline.sample).
+"""The Rectified-Flow Sampler node: one loop for klein and Z-Image (flux_core.pipeline.sample), Euler or res_multistep.
 
 Defaults come from the model's variant: steps 0 and guidance -1 mean "the variant's default" (klein distilled 4
 steps without CFG, klein base 50 steps at CFG 4, Z-Image-Turbo 8 steps at guidance 0), and width/height 0 mean
@@ -7,12 +7,16 @@ steps without CFG, klein base 50 steps at CFG 4, Z-Image-Turbo 8 steps at guidan
 from __future__ import annotations
 
 from flux_core.families import MAX_SEED
+from flux_core.samplers import DEFAULT_SAMPLER, SAMPLERS
 
 from . import host
 from .common import CATEGORY, CONDITIONING, MODEL, describe, from_comfy_latent, to_comfy_latent, ui
 
 MAX_SIZE = 8192
 DEFAULT_SIZE = 1024
+SAMPLER_TIP = ("euler: the Euler loop of the reference pipelines (diffusers). res_multistep: ComfyUI's second-order "
+               "sampler, one model call per step, as in ComfyUI's official Z-Image-Turbo template (the same image "
+               "as that template at the same seed and steps).")
 
 
 class RectifiedFlowSampler:
@@ -25,8 +29,9 @@ class RectifiedFlowSampler:
                    "and Z-Image schedules and CFG conventions of the reference pipelines; the same seed gives the "
                    "same image as diffusers). steps 0 and guidance -1 use the model variant's defaults; width/height "
                    "0 follow the first reference image. With a latent input it does image-to-image at the given "
-                   "denoise strength.")
-    SEARCH_ALIASES = ["ksampler", "sampler", "euler", "flow matching", "generate", "txt2img", "img2img"]
+                   "denoise strength. sampler res_multistep is ComfyUI's (its official Z-Image-Turbo template's).")
+    SEARCH_ALIASES = ["ksampler", "sampler", "euler", "res_multistep", "flow matching", "generate", "txt2img",
+                      "img2img"]
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -56,10 +61,12 @@ class RectifiedFlowSampler:
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "With a latent input: how much to change it (1 = ignore the image, "
                                              "0.6 = keep its layout)."}),
+            # last, so that workflows saved before it existed keep their positional widget values
+            "sampler": (list(SAMPLERS), {"default": DEFAULT_SAMPLER, "tooltip": SAMPLER_TIP}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def sample(self, model, positive, seed, steps, guidance, width, height, batch_size, negative=None, latent=None,
-               denoise=1.0, unique_id=None):
+               denoise=1.0, sampler=DEFAULT_SAMPLER, unique_id=None):
         from flux_core import pipeline
 
         m = model.load()
@@ -68,7 +75,7 @@ class RectifiedFlowSampler:
         progress = host.Progress(m.variant.steps if steps == 0 else steps, node_id=unique_id, family=m.family)
         res = pipeline.sample(m, positive, negative, width=width or None, height=height or None, steps=steps or None,
                               guidance=None if guidance < 0 else guidance, seed=int(seed), batch_size=batch_size,
-                              init_latent=init, strength=float(denoise), callback=progress.step,
+                              init_latent=init, strength=float(denoise), sampler=sampler, callback=progress.step,
                               interrupt=host.check_interrupt)
         return ui(describe(m, badge(res, denoise if init is not None else None)),
                   (to_comfy_latent(res.latent, m.family.vae),))
@@ -76,4 +83,5 @@ class RectifiedFlowSampler:
 
 def badge(res, denoise=None) -> str:
     cfg = f"cfg {res.guidance:g}" if res.cfg else "no cfg"
-    return f"{res.steps} steps · {cfg} · {res.width}x{res.height}" + (f" · denoise {denoise:g}" if denoise else "")
+    steps = f"{res.steps} steps" + ("" if res.sampler == DEFAULT_SAMPLER else f" {res.sampler}")
+    return f"{steps} · {cfg} · {res.width}x{res.height}" + (f" · denoise {denoise:g}" if denoise else "")

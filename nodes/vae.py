@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from flux_core.families import VAE_KINDS
 
-from .common import CATEGORY, VAE, describe, from_comfy_latent, to_comfy_latent, ui
+from .common import CATEGORY, VAE, VAE_TILE_OPTIONS, VAE_TILE_TIP, describe, from_comfy_latent, to_comfy_latent, ui
 
 _CATEGORY = CATEGORY + "/latent"
 
@@ -24,16 +24,17 @@ class VAEDecode:
         return {"required": {
             "vae": (VAE, {"tooltip": "From the FluxCore VAE Loader (the same family as the model)."}),
             "samples": ("LATENT", {"tooltip": "The latent to decode, e.g. from the FluxCore sampler."}),
+            "tile": (VAE_TILE_OPTIONS, {"default": "auto", "tooltip": VAE_TILE_TIP}),
         }}
 
-    def decode(self, vae, samples):
+    def decode(self, vae, samples, tile="auto"):
         import torch
 
         from flux_core import pipeline
 
         v = vae.load()
         z = from_comfy_latent(samples, VAE_KINDS[v.module.kind], v.module.latent_channels, "VAE Decode")
-        images = torch.from_numpy(pipeline.decode(v, z).copy()).float()
+        images = torch.from_numpy(pipeline.decode(v, z, tile).copy()).float()
         return ui(describe(v, f"{images.shape[2]}x{images.shape[1]}"), (images,))
 
 
@@ -53,14 +54,15 @@ class VAEEncode:
         return {"required": {
             "vae": (VAE, {"tooltip": "From the FluxCore VAE Loader."}),
             "pixels": ("IMAGE", {"tooltip": "Images [B,H,W,C] 0..1, e.g. from Load Image (alpha is dropped)."}),
+            "tile": (VAE_TILE_OPTIONS, {"default": "auto", "tooltip": VAE_TILE_TIP}),
         }}
 
-    def encode(self, vae, pixels):
+    def encode(self, vae, pixels, tile="auto"):
         from flux_core import pipeline
 
         v = vae.load()
         x = crop_to_multiple(pixels[..., :3], v.module.downscale)                 # [B, H, W, 3]
-        z = pipeline.encode_image(v, x.permute(0, 3, 1, 2).contiguous().float().cpu().numpy())
+        z = pipeline.encode_image(v, x.permute(0, 3, 1, 2).contiguous().float().cpu().numpy(), tile)
         latent = to_comfy_latent(z, VAE_KINDS[v.module.kind])
         return ui(describe(v, f"{x.shape[2]}x{x.shape[1]}"), (latent,))
 

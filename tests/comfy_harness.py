@@ -4,7 +4,7 @@ Used by tests/test_nodes.py and tests/test_workflows.py without ComfyUI, and by 
 a real server's /object_info. Everything works on `object_info`-style dicts (what GET /object_info returns, built
 here the way server.py's node_info builds them), so the same checks run on our classes and on a live server.
 
-Rules mirrored (from the ComfyUI snapshot described in shared/COMFYUI.md):
+Rules mirrored (from ComfyUI's own code, comfyanonymous/ComfyUI, a mid-2026 snapshot):
   - execution.py validate_inputs: required inputs present; links are [node_id, slot]; linked types match
     (comfy_execution/validation.py validate_node_input: equal, "*", or overlapping comma-separated sets);
     INT/FLOAT converted then checked against min/max; combo values in the option list.

@@ -6,8 +6,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
-QWEN_TOKENIZER_DIR = Path(os.environ.get("FLUXCORE_TEST_TOKENIZER", SHARED / "data" / "qwen-tokenizer"))
+# The real Qwen3 byte-level BPE vocabulary, vendored (Apache-2.0, see tests/data/qwen-tokenizer/README.md) so that a
+# fresh clone runs every tokenizer test. FLUXCORE_TEST_TOKENIZER may point at another copy of the same files.
+QWEN_TOKENIZER_DIR = Path(os.environ.get("FLUXCORE_TEST_TOKENIZER", ROOT / "tests" / "data" / "qwen-tokenizer"))
 
 
 @pytest.fixture(autouse=True)

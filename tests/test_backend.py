@@ -58,6 +58,7 @@ def test_dtype_defaults():
     assert backend.resolve_dtype("auto", backend.Choice("mlx", "cpu", "")) == "float32"  # MLX CPU bf16 skips BLAS
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not backend.mlx_available(), reason="needs mlx (CI installs mlx[cpu])")
 @pytest.mark.parametrize("model,vae", [("klein", "flux2_vae"), ("zimage", "flux1_vae")])
 def test_cli_same_png_on_mlx_and_torch(tmp_path, model, vae):

@@ -25,6 +25,7 @@ def _load(demo, key="klein", vae="flux2_vae"):
     return tr, te, models.load_vae(demo[vae], backend="torch", device="cpu")
 
 
+@pytest.mark.slow
 def test_demo_command_writes_both_images(demo, tmp_path):
     from flux_core.__main__ import main
 
@@ -119,6 +120,7 @@ def test_reference_preparation_matches_diffusers_rules():
     assert kept.shape[-2:] == (1088, 1488)  # centre crop to a multiple of 16, no area cap
 
 
+@pytest.mark.slow
 def test_text_encoder_release_frees_it_and_a_new_load_works(demo):
     tr, te, vae = _load(demo)
     gen = pipeline.generate(tr, te, vae, "a cat", width=64, height=64, seed=2, release_text_encoder=True)

@@ -12,7 +12,8 @@ from flux_core.torch.klein import Flux2Transformer, KleinConfig, position_ids, r
 from flux_core.weights import klein as K
 
 VARIANTS = {"klein-4b": R.KLEIN_4B, "klein-9b": R.KLEIN_9B}
-# Published parameter counts (REFERENCE.md §1.2, 3 decimals) as a sanity anchor; the exact check is against diffusers.
+# Parameter counts (docs/MODELS.md §K1, in billions to 3 decimals) as a sanity anchor; the exact check is against
+# diffusers' own model.
 PUBLISHED_BILLIONS = {"klein-4b": 3.876, "klein-9b": 9.079}
 
 
@@ -72,7 +73,7 @@ def test_parameter_count_equals_diffusers(pair):
 
 def test_forward_flops_match_the_analytic_count(pair):
     """FlopCounterMode on the meta device at 512x512 (1024 image + 512 text tokens) vs
-    2 * (per-token linear params) * tokens + 4 * S^2 * D per attention layer (REFERENCE.md §6)."""
+    2 * (per-token linear params) * tokens + 4 * S^2 * D per attention layer (docs/MODELS.md §F)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     _, _, _, cfg, ours = pair

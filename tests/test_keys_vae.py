@@ -1,4 +1,4 @@
-"""Real-size key maps: the diffusers FLUX VAEs on the meta device (REFERENCE.md §1.6 / §2.1, PERF_ANCHORS "Configs"),
+"""Real-size key maps: the diffusers FLUX VAEs on the meta device (docs/MODELS.md §V1, §V2),
 converted by our map, must be exactly our meta model's keys and shapes; the LDM names must be what diffusers' own
 single-file converter reads; offenders must be named. No weights are allocated."""
 import re
@@ -37,7 +37,7 @@ def test_real_diffusers_keys_map_onto_our_model(kind):
     assert c.enc_channels == c.dec_channels == tuple(rc.block_out_channels)
     assert (c.enc_blocks, c.dec_blocks) == (rc.layers_per_block, rc.layers_per_block + 1)
     assert c.z_channels == rc.latent_channels and c.norm_num_groups == rc.norm_num_groups
-    patch = rc.patch_size[0] if kind == "flux2" else 1  # FLUX.2 latents are patchified 2x2 (REFERENCE.md §1.6)
+    patch = rc.patch_size[0] if kind == "flux2" else 1  # FLUX.2 latents are patchified 2x2 (docs/MODELS.md §V1)
     assert model.downscale == 2 ** (len(rc.block_out_channels) - 1) * patch
     assert model.latent_channels == rc.latent_channels * patch * patch
 
@@ -45,7 +45,7 @@ def test_real_diffusers_keys_map_onto_our_model(kind):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_real_ldm_keys_are_what_diffusers_converter_reads(kind):
     """Our native names, fed to diffusers' `convert_ldm_vae_checkpoint` (FLUX.2 quant convs moved to top level,
-    REFERENCE.md §0.14c), come back as exactly the diffusers keys and shapes."""
+    docs/MODELS.md §V3), come back as exactly the diffusers keys and shapes."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     ref = R.meta_reference(kind)

@@ -1,4 +1,4 @@
-"""Real-size Z-Image-Turbo key map: diffusers' model (on meta, REFERENCE.md §2.1 config) vs ours, key for key.
+"""Real-size Z-Image-Turbo key map: diffusers' model (on meta, docs/MODELS.md §Z1 config) vs ours, key for key.
 
 No weights are allocated: both models are built on the meta device and only names and shapes are compared.
 """
@@ -68,7 +68,7 @@ def test_param_count(diffusers_sd, ours):
 
 
 def test_reference_key_table_block0(native):
-    """Spot-check the fused and renamed rows of REFERENCE_KEYS.md."""
+    """Spot-check the fused and renamed rows of the key table in docs/MODELS.md §Z4."""
     s = _shapes(native)
     assert s["layers.0.attention.qkv.weight"] == (11520, 3840)
     assert s["context_refiner.1.attention.out.weight"] == (3840, 3840)

@@ -1,4 +1,4 @@
-"""FLUX.2 [klein] transformer on MLX == our torch transformer (== diffusers) at the tiny config of REFERENCE.md §5.
+"""FLUX.2 [klein] transformer on MLX == our torch transformer (== diffusers) at the tiny config of docs/MODELS.md §X.
 
 Tolerances (rel = max|a - b| / max|b|):
   float32  <= 1e-4 against our torch model and against diffusers. Same math, different kernels (MLX vs torch matmul /

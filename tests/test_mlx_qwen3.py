@@ -195,6 +195,7 @@ def encoders(torch_model, mlx_model, tokenizer):
 
 
 
+@pytest.mark.slow
 def test_text_encoder_klein_embeddings(encoders):
     ref_enc, enc = encoders
     ours, ref = enc.encode_klein(PROMPTS + [LONG]), ref_enc.encode_klein(PROMPTS + [LONG])

@@ -90,6 +90,7 @@ SCENARIOS = {  # name: (model, cond, uncond, sample kwargs)
 
 # ------------------------------------------------------------------------------------------------ end to end
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_sample_equals_torch_path(loaded, eager, scenario):
     name, conds, kw = SCENARIOS[scenario]
@@ -102,6 +103,7 @@ def test_sample_equals_torch_path(loaded, eager, scenario):
     assert rel_err(got, want) <= E2E_TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", ["klein_refs_batch2", "zimage_cfg_batch2"])
 def test_bfloat16_sample(paths, loaded, eager, scenario):
     """bf16 end to end, against the float32 torch path: <= 2e-2 relative (measured: klein 5.9e-3, Z-Image 1.4e-2;
@@ -147,6 +149,7 @@ def test_one_evaluation_per_step_and_rope_once(loaded, eager, monkeypatch):
         assert len(ropes) == 1, scenario  # one table for the batched [pos; neg] rows (CFG is one forward on both)
 
 
+@pytest.mark.slow
 def test_compiled_step_equals_eager(loaded, monkeypatch):
     """The compiled step (as run for real) gives the eager result (compile fuses kernels, it must not change the
     math), and it is traced once per generation: the time goes in as an mx array (a Python float would be a

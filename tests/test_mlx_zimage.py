@@ -1,4 +1,4 @@
-"""Z-Image transformer on MLX == our torch transformer (== diffusers) at the tiny config of REFERENCE.md §5.
+"""Z-Image transformer on MLX == our torch transformer (== diffusers) at the tiny config of docs/MODELS.md §X.
 
 Tolerances (rel = max|a - b| / max|b|):
   float32  <= 1e-4 against our torch model and against diffusers (measured <= 1.8e-6: the tiny model's sandwich

@@ -133,7 +133,7 @@ def test_widget_order_and_seed_control():
     info = node_info("FluxCoreSampler", nodes.NODE_CLASS_MAPPINGS["FluxCoreSampler"])
     assert widget_slots(info) == [("seed", "value"), ("seed", "control"), ("steps", "value"),
                                   ("guidance", "value"), ("width", "value"), ("height", "value"),
-                                  ("batch_size", "value"), ("denoise", "value")]
+                                  ("batch_size", "value"), ("denoise", "value"), ("sampler", "value")]
 
 
 def test_loader_lists_standard_files(demo):
@@ -149,6 +149,7 @@ def test_loader_lists_standard_files(demo):
 
 
 # ----------------------------------------------------------------------------------------------------- running
+@pytest.mark.slow
 def test_klein_text_to_image_matches_library(demo):
     from flux_core import pipeline
 
@@ -169,6 +170,7 @@ def test_klein_text_to_image_matches_library(demo):
     assert rel_err(images, ref.images) < 1e-6
 
 
+@pytest.mark.slow
 def test_klein_edit_and_multi_reference_match_library(demo):
     from flux_core import pipeline
 
@@ -190,6 +192,7 @@ def test_klein_edit_and_multi_reference_match_library(demo):
     assert rel_err(latent["samples"], ref.latent) < 1e-6
 
 
+@pytest.mark.slow
 def test_klein_base_cfg_uses_negative(demo):
     from flux_core import pipeline
 
@@ -207,6 +210,7 @@ def test_klein_base_cfg_uses_negative(demo):
     assert rel_err(latent["samples"], ref.latent) < 1e-6
 
 
+@pytest.mark.slow
 def test_zimage_latent_is_comfyui_native_and_img2img_works(demo):
     """Z-Image LATENTs carry the raw FLUX.1 VAE mean (ComfyUI applies (x-0.1159)*0.3611 inside the model)."""
     from flux_core import pipeline
@@ -355,6 +359,7 @@ def test_latent_helpers_roundtrip():
     assert float(d["samples"][0, 0, 0, 0]) == pytest.approx(1 / 0.3611 + 0.1159)
 
 
+@pytest.mark.slow
 def test_mlx_backend_through_the_nodes_matches_torch(demo):
     """backend=mlx end to end through the model, VAE, reference and sampler nodes (MLX's CPU build on Linux)."""
     from flux_core import backend
@@ -377,3 +382,24 @@ def test_mlx_backend_through_the_nodes_matches_torch(demo):
     (it,), _ = run("FluxCoreVAEDecode", vae=v, samples=lt)
     (im,), _ = run("FluxCoreVAEDecode", vae=mv, samples=lt)
     assert im.shape == it.shape and rel_err(im, it) < 1e-4
+
+
+def test_sampler_widget_res_multistep_matches_library(demo):
+    """The `sampler` widget reaches pipeline.sample; it is the last widget, so workflows saved before it existed
+    (one value fewer) keep their positional values and get euler."""
+    import nodes
+    from flux_core import pipeline
+
+    info = node_info("FluxCoreSampler", nodes.NODE_CLASS_MAPPINGS["FluxCoreSampler"])
+    assert widget_slots(info)[-1] == ("sampler", "value")
+    te, m, v, _ = load_all(demo, "z_image_turbo_bf16.safetensors", "ae.safetensors")
+    (pos, _), _ = run("FluxCoreQwen3Encode", text_encoder=te, prompt="a cozy room", mode="auto", model=m)
+    (lat,), sb = run("FluxCoreSampler", model=m, positive=pos, sampler="res_multistep", **sampler_args(steps=4))
+    assert "4 steps res_multistep" in sb["badge"]
+    (eul,), eb = run("FluxCoreSampler", model=m, positive=pos, **sampler_args(steps=4))
+    assert "res_multistep" not in eb["badge"]
+    tr, tel, _ = lib_models(demo, "zimage", "flux1_vae")
+    cond = pipeline.encode_prompt(tel, ["a cozy room"], "zimage")
+    ref = pipeline.sample(tr, cond, width=64, height=48, steps=4, seed=7, sampler="res_multistep")
+    assert rel_err(lat["samples"], ref.latent / 0.3611 + 0.1159) < 1e-5
+    assert rel_err(lat["samples"], eul["samples"]) > 1e-4  # a different sampler gives a different latent

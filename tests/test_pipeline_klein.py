@@ -80,6 +80,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_final_latents_match_diffusers(setup, case):
     c = CASES[case]
@@ -105,6 +106,7 @@ def test_final_latents_match_diffusers(setup, case):
     assert err <= 1e-4, f"{case}: final latents differ from Flux2KleinPipeline by {err:.2e}"
 
 
+@pytest.mark.slow
 def test_generate_uses_variant_defaults_and_reference_size(setup):
     """generate(): the distilled default is 4 steps; with no size given, the first reference sets it (diffusers)."""
     tr, te, vae = _ours(setup, True)
@@ -113,6 +115,7 @@ def test_generate_uses_variant_defaults_and_reference_size(setup):
     assert gen.images.shape == (1, 80, 96, 3) and 0.0 <= gen.images.min() and gen.images.max() <= 1.0
 
 
+@pytest.mark.slow
 def test_cli_seed_reproduces_diffusers_image(setup, tmp_path):
     """`generate` given only --seed draws the same CPU noise as diffusers with Generator('cpu').manual_seed(seed)."""
     from flux_core.__main__ import main

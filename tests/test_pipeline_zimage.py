@@ -70,6 +70,7 @@ def _final(pipe, **kw):
     return final["latents"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance,negative,steps,w,h", [(0.0, None, 8, 64, 48), (2.5, "blurry, dark", 3, 48, 64)])
 def test_final_latents_match_diffusers(setup, guidance, negative, steps, w, h):
     tr, te, vae = _ours(setup, distilled=guidance == 0.0)
@@ -83,6 +84,7 @@ def test_final_latents_match_diffusers(setup, guidance, negative, steps, w, h):
     assert err <= 1e-4, f"g={guidance}: final latents differ from ZImagePipeline by {err:.2e}"
 
 
+@pytest.mark.slow
 def test_img2img_matches_diffusers(setup, monkeypatch):
     """Our img2img encodes the init image with the posterior mean; diffusers samples the posterior, so the reference is
     run with its encode switched to the mean (`sample_mode="argmax"`); the noise then comes from the same generator."""
@@ -101,6 +103,7 @@ def test_img2img_matches_diffusers(setup, monkeypatch):
     assert err <= 1e-4, f"img2img final latents differ from ZImageImg2ImgPipeline by {err:.2e}"
 
 
+@pytest.mark.slow
 def test_cli_seed_reproduces_diffusers_image(setup, tmp_path):
     from flux_core.__main__ import main
 

@@ -148,6 +148,7 @@ def test_quantized_text_encoder(paths, reference, be):
 
 @pytest.mark.parametrize("be,fam,mode", [("torch", "klein", "int4"), ("torch", "zimage", "fp8"),
                                          ("mlx", "klein", "fp8"), ("mlx", "zimage", "int8")])
+@pytest.mark.slow
 def test_sample_with_quantized_model(paths, be, fam, mode):
     if be not in BACKENDS:
         pytest.skip("mlx is not installed")
@@ -180,6 +181,7 @@ def test_mlx_without_mxfp8_refuses_fp8(paths, monkeypatch):
         MQ.quantize_model(object(), "fp8")
 
 
+@pytest.mark.slow
 def test_cli_generate_with_quantization(paths, tmp_path):
     from flux_core.__main__ import main
 

@@ -45,11 +45,11 @@ def test_klein_sigmas_equal_diffusers_and_bfl(steps, seq_len):
 
 
 def test_klein_mu_discontinuity():
-    """Above 4300 image tokens μ stops depending on the step count and drops (REFERENCE §0.13)."""
+    """Above 4300 image tokens μ stops depending on the step count and drops (docs/MODELS.md §S2)."""
     assert schedule.empirical_mu(4300, 4) != schedule.empirical_mu(4300, 50)
     assert schedule.empirical_mu(4301, 4) == schedule.empirical_mu(4301, 50)
     assert schedule.empirical_mu(4301, 4) < schedule.empirical_mu(4300, 4)
-    # REFERENCE §1.8's published 4-step table at 512² and 1024²
+    # the 4-step tables at 512² and 1024² of docs/MODELS.md §S2 (computed with diffusers 0.42.1's scheduler)
     np.testing.assert_allclose(schedule.klein_sigmas(4, 1024), [1, 0.95809, 0.88398, 0.71750, 0], atol=6e-6)
     np.testing.assert_allclose(schedule.klein_sigmas(4, 4096), [1, 0.96738, 0.90814, 0.76720, 0], atol=6e-6)
 
@@ -72,10 +72,64 @@ def test_zimage_turbo_table():
                                atol=6e-6)
 
 
-@pytest.mark.parametrize("steps,strength", [(8, 0.6), (8, 1.0), (10, 0.25), (50, 0.33), (4, 0.5)])
-def test_img2img_start_matches_diffusers(steps, strength):
-    init = min(steps * strength, steps)  # ZImageImg2ImgPipeline.get_timesteps
-    assert schedule.img2img_start(schedule.zimage_sigmas(steps), strength) == int(max(steps - init, 0))
+def _diffusers_img2img(pipeline_cls, scheduler, steps, strength):
+    """diffusers' own `get_timesteps` of an img2img-style pipeline, on a scheduler set up as its `__call__` does.
+    Returns (the sigmas it will run, first one included; the step count) or None where the pipeline raises."""
+    from types import SimpleNamespace
+
+    _, remaining = pipeline_cls.get_timesteps(SimpleNamespace(scheduler=scheduler), steps, strength, "cpu")
+    if remaining < 1:  # the pipeline raises ValueError("... the number of pipeline steps is 0 ...")
+        return None
+    return scheduler.sigmas[scheduler.begin_index:].numpy(), remaining
+
+
+# strengths with awkward float products (10 * 0.3 = 3.0000000000000004, 50 * 0.07 = 3.5000000000000004), the ends,
+# and one so small that N·strength vanishes next to N (diffusers then refuses to run)
+STRENGTHS = [1e-17, 0.01, 0.07, 0.1, 0.125, 0.2, 0.25, 0.3, 1 / 3, 0.33, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.99, 1.0]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 8, 9, 10, 20, 28, 50])
+def test_img2img_start_equals_diffusers_zimage_get_timesteps(steps):
+    """Our start index (schedule.img2img_start) against ZImageImg2ImgPipeline.get_timesteps run on the scheduler
+    that pipeline builds: the same number of steps, starting at the same sigma (the noise level the init latent is
+    brought to), or no run at all where diffusers refuses one."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.z_image.pipeline_z_image_img2img import (ZImageImg2ImgPipeline, calculate_shift,
+                                                                      get_default_z_image_sigmas, retrieve_timesteps)
+
+    ours = schedule.zimage_sigmas(steps)
+    for strength in STRENGTHS:
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+        retrieve_timesteps(sched, steps, "cpu", sigmas=get_default_z_image_sigmas(steps),
+                           mu=calculate_shift(1024, 256, 4096, 0.5, 1.15))
+        ref = _diffusers_img2img(ZImageImg2ImgPipeline, sched, steps, strength)
+        start = schedule.img2img_start(ours, strength)
+        if ref is None:
+            assert start >= steps, (steps, strength)  # pipeline.sample raises ConfigError there
+            continue
+        ref_sigmas, remaining = ref
+        assert steps - start == remaining, (steps, strength)
+        np.testing.assert_array_equal(ours[start:], ref_sigmas, err_msg=f"{steps} steps, strength {strength}")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 50])
+def test_img2img_start_equals_diffusers_klein_get_timesteps(steps):
+    """The same rule on a second schedule (klein's), against Flux2KleinInpaintPipeline.get_timesteps: the start index
+    must not depend on which schedule it cuts. (Our klein family exposes no img2img, and diffusers 0.42.1 has no klein
+    img2img pipeline; its inpaint pipeline applies strength the same way.)"""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint import Flux2KleinInpaintPipeline
+
+    seq_len = 1024
+    ours = schedule.klein_sigmas(steps, seq_len)
+    for strength in STRENGTHS:
+        ref = _diffusers_img2img(Flux2KleinInpaintPipeline, _diffusers_klein(steps, seq_len), steps, strength)
+        start = schedule.img2img_start(ours, strength)
+        if ref is None:
+            assert start >= steps, (steps, strength)
+            continue
+        ref_sigmas, remaining = ref
+        assert steps - start == remaining, (steps, strength)
+        np.testing.assert_array_equal(ours[start:], ref_sigmas, err_msg=f"{steps} steps, strength {strength}")
 
 
 def test_bad_steps_and_strength_are_clear_errors():

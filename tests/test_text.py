@@ -1,5 +1,5 @@
 """Prompt encoding (flux_core/text.py) vs diffusers' klein and Z-Image prompt encoders, and the tokenizer vs
-transformers' Qwen2Tokenizer (tiny vocabulary and the REAL shared Qwen vocabulary).
+transformers' Qwen2Tokenizer (tiny vocabulary and the REAL Qwen3 vocabulary vendored in tests/data/qwen-tokenizer).
 
 Embeddings: tolerance 1e-5 relative in float32 (measured ~1e-7 or exactly 0).
 """
@@ -82,8 +82,7 @@ def test_tiny_tokenizer_matches_transformers(tiny_dir, hf_tok):
 
 @pytest.fixture(scope="module")
 def real_hf_tok():
-    if not (QWEN_TOKENIZER_DIR / "vocab.json").is_file():
-        pytest.skip(f"no Qwen tokenizer data at {QWEN_TOKENIZER_DIR}")
+    assert (QWEN_TOKENIZER_DIR / "vocab.json").is_file(), f"the vendored Qwen tokenizer is missing: {QWEN_TOKENIZER_DIR}"
     return R.real_hf_tokenizer(QWEN_TOKENIZER_DIR)
 
 

@@ -180,5 +180,5 @@ def test_patchify_matches_pipeline():
     assert torch.equal(p, Flux2KleinPipeline._patchify_latents(z))
     assert torch.equal(unpatchify(p), z)
     assert torch.equal(unpatchify(p), Flux2KleinPipeline._unpatchify_latents(p))
-    # channel c*4 + ph*2 + pw (REFERENCE.md §1.6)
+    # channel c*4 + ph*2 + pw (docs/MODELS.md §V1)
     assert torch.equal(p[:, 3 * 4 + 1 * 2 + 0], z[:, 3, 1::2, 0::2])

@@ -54,6 +54,32 @@ def test_api_workflow_is_valid_and_twin_of_ui(name, info):
     assert strip(api) == strip(ui_to_api(ui, info)), "the API twin is not the UI file's Export (API)"
 
 
+# What the sampler shows on opening: the variant's real defaults, never the node's "auto" values (0 / -1).
+SHIPPED_SAMPLER = {"fluxcore_klein_text_to_image": (4, 1.0), "fluxcore_klein_edit": (4, 1.0),
+                   "fluxcore_klein_multi_reference": (4, 1.0), "fluxcore_klein_base_cfg": (50, 4.0),
+                   "fluxcore_zimage_turbo_text_to_image": (8, 0.0)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_opens_fitted_with_real_numbers(name, info):
+    """No saved view (the frontend then fits the graph to the window, as for its own templates); the sampler
+    shows the steps, guidance and size it will use; every link runs forward into a column further right (a link
+    into a node left of its source is drawn behind that node)."""
+    ui, api = WORKFLOWS[name]
+    assert "ds" not in ui.get("extra", {}), "a saved view opens off-frame in other windows and frontends"
+    (sampler,) = [n["inputs"] for n in api.values() if n["class_type"] == "FluxCoreSampler"]
+    assert (sampler["steps"], sampler["guidance"]) == SHIPPED_SAMPLER[name]
+    assert (sampler["width"], sampler["height"]) == (1024, 1024)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for _, src, _, dst, _, _ in ui["links"]:
+        a, b = nodes[src], nodes[dst]
+        assert a["pos"][0] + a["size"][0] < b["pos"][0], f"link {a['type']} -> {b['type']} runs backwards"
+    boxes = [(n["pos"][0], n["pos"][1] - 40, n["size"][0], n["size"][1] + 40) for n in ui["nodes"]]  # + title
+    for i, p in enumerate(boxes):
+        for q in boxes[i + 1:]:
+            assert not (p[0] < q[0] + q[2] and q[0] < p[0] + p[2] and p[1] < q[1] + q[3] and q[1] < p[1] + p[3])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_loaders_name_standard_files_with_download_addresses(name, info):
     ui, _ = WORKFLOWS[name]
@@ -91,16 +117,18 @@ def test_checker_catches_broken_workflows(info):
         assert needle in problems, (needle, problems)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_runs_in_process(name, info):
-    """The graph as ComfyUI would execute it, on tiny checkpoints; sizes shrunk to 64 px (0 = from the reference),
-    and klein base's 50 default steps cut to 4 (each CFG step is two forwards over 512 text tokens)."""
+    """The graph as ComfyUI would execute it, on tiny checkpoints; sizes shrunk to 64 px (edits: 0 = from the
+    reference), and klein base's 50 steps cut to 4 (each CFG step is two forwards over 512 text tokens)."""
     _, api = WORKFLOWS[name]
     api = copy.deepcopy(api)
+    edit = "edit" in name or "multi" in name
     for node in api.values():
         for key in ("width", "height"):
-            if node["inputs"].get(key):
-                node["inputs"][key] = 64
+            if key in node["inputs"]:
+                node["inputs"][key] = 0 if edit else 64  # edits: 0 = follow the first reference
         if node["class_type"] == "FluxCoreSampler" and name == "fluxcore_klein_base_cfg":
             node["inputs"]["steps"] = 4
     NATIVE_STANDINS["SaveImage"].SAVED.clear()
@@ -109,7 +137,7 @@ def test_api_workflow_runs_in_process(name, info):
     assert len(saved) == 1
     prefix, images = saved[0]
     assert prefix.startswith("fluxcore_") and images.shape[0] == 1 and images.shape[-1] == 3
-    if "edit" in name or "multi" in name:
+    if edit:
         assert tuple(images.shape[1:3]) == (96, 80)  # the stand-in reference image's size, as diffusers does
     else:
         assert tuple(images.shape[1:3]) == (64, 64)

@@ -1,11 +1,21 @@
 """Writes the example workflows (workflows/*.json, UI format) and their API-format twins (workflows/api/*.json).
 
-    /work/venv/bin/python tests/workflow_builder.py        # rewrites both folders
+    python tests/workflow_builder.py        # rewrites both folders
 
 A developer tool: the JSON files are what ships and what the tests check (tests/test_workflows.py validates them
 against the node definitions and checks that each API twin equals the UI file's "Export (API)"), so a workflow
-edited and re-saved in ComfyUI is fine too. Node sockets are listed in definition order; widget values follow
-the widget order of the definitions (see tests/comfy_harness.py widget_slots).
+edited and re-saved in ComfyUI is fine too. Node sockets are listed in definition order; widget values are given
+by name and written in the widget order of the definitions (see tests/comfy_harness.py widget_slots), every
+widget not named here taking its definition's default.
+
+What a user sees on opening one:
+  - No saved view (`extra.ds`): the frontend then fits the graph into the window (its fitView, as for ComfyUI's
+    own templates). A saved scale/offset is applied as is and depends on the window and on the frontend's
+    chrome (tab bar, sidebar); the one we used to ship put the top row under the tab bar and Save Image off-screen.
+  - Real numbers in the sampler (4 steps, guidance 1.0, 1024x1024 ...), not the node's "auto" values (steps 0,
+    guidance -1, size 0), which stay available in the node.
+  - Every link runs left to right into the next column: a node placed left of or under its source hides the link
+    behind itself (links are drawn beneath nodes).
 """
 from __future__ import annotations
 
@@ -29,28 +39,33 @@ MODELS = {
     "flux2-vae.safetensors": (f"{HF}/flux2-dev/resolve/main/split_files/vae/", "vae"),
     "ae.safetensors": (f"{HF}/z_image_turbo/resolve/main/split_files/vae/", "vae"),
 }
-SIZES = {"FluxCoreQwen3Encode": [400, 300], "FluxCoreSampler": [320, 330], "LoadImage": [320, 360],
-         "SaveImage": [520, 560]}
+# Sizes in canvas units, large enough for each node's widgets in the 1.4x frontend (which grows a node that is
+# too small but never shrinks one). Columns are these widths plus GAP.
+SIZES = {"loader": [300, 190], "FluxCoreQwen3Encode": [360, 300], "LoadImage": [340, 330],
+         "FluxCoreReferenceImageEncode": [270, 110], "FluxCoreSampler": [380, 310], "FluxCoreVAEDecode": [230, 60],
+         "SaveImage": [380, 420]}
+GAP = 40
+SEED = 42
 
 
 class Graph:
     def __init__(self, info: dict):
         self.info, self.nodes, self.links = info, [], []
 
-    def add(self, type_, pos, widgets, inputs=None, title=None, model_file=None, mode=0):
-        """inputs: {socket name: (node dict, output index)}; widgets: values in widget-slot order."""
+    def add(self, type_, pos, widgets=None, inputs=None, title=None, model_file=None, mode=0):
+        """widgets: {input name: value}, the rest take the definition's defaults; inputs: {socket: (node, index)}."""
+        from comfy_harness import input_type, is_widget, ordered_inputs
+
         d = self.info[type_]
-        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": SIZES.get(type_, [320, 160]),
+        size = SIZES.get(type_) or SIZES["loader"]
+        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size),
                 "flags": {}, "order": len(self.nodes), "mode": mode, "inputs": [], "outputs": [],
-                "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
+                "properties": {"Node name for S&R": type_}, "widgets_values": widget_values(d, widgets or {})}
         if title:
             node["title"] = title
         if model_file:
-            base = model_file if isinstance(model_file, list) else [model_file]
-            node["properties"]["models"] = [{"name": f, "url": MODELS[f][0] + f, "directory": MODELS[f][1]}
-                                            for f in base]
-        from comfy_harness import input_type, is_widget, ordered_inputs
-
+            node["properties"]["models"] = [{"name": model_file, "url": MODELS[model_file][0] + model_file,
+                                             "directory": MODELS[model_file][1]}]
         for _, name, spec in ordered_inputs(d):
             if not is_widget(spec):
                 node["inputs"].append({"name": name, "type": input_type(spec), "link": None})
@@ -73,26 +88,72 @@ class Graph:
         for n in self.nodes:
             for o in n["outputs"]:
                 o["links"] = o["links"] or None
+        # no "ds" in extra: the frontend fits the graph into the window on open (see the module docstring)
         return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0, "last_node_id": len(self.nodes),
                 "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links, "groups": [],
-                "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}}, "version": 0.4}
+                "config": {}, "extra": {}, "version": 0.4}
+
+
+def widget_values(info: dict, named: dict) -> list:
+    """`widgets_values` in slot order: the named values, else each input's default (the frontend's own fill)."""
+    from comfy_harness import combo_values, input_options, widget_slots
+
+    specs = {name: spec for sec in ("required", "optional") for name, spec in info["input"].get(sec, {}).items()}
+    unknown = set(named) - set(specs)
+    if unknown:
+        raise KeyError(f"{info['name']} has no widget {sorted(unknown)}")
+    out = []
+    for name, role in widget_slots(info):
+        if role == "control":
+            out.append("randomize")
+        elif role == "upload":
+            out.append("image")
+        elif name in named:
+            out.append(named[name])
+        else:
+            opts = input_options(specs[name])
+            out.append(opts["default"] if "default" in opts else combo_values(specs[name])[0])
+    return out
+
+
+def col(*widths: int) -> int:
+    """The x of the column after columns of these widths."""
+    return sum(w + GAP for w in widths)
+
+
+IMAGE_Y = 600  # Load Image below the band y 300..570 that the VAE loader's links cross
+L, E, R, S, D = (SIZES[k][0] for k in ("loader", "FluxCoreQwen3Encode", "FluxCoreReferenceImageEncode",
+                                       "FluxCoreSampler", "FluxCoreVAEDecode"))
 
 
 def loaders(g: Graph, model_file: str, vae_file: str, variant: str = "auto"):
     klein = "klein" in model_file
-    te = g.add("FluxCoreTextEncoderLoader", (0, 0), ["qwen_3_4b.safetensors", "auto", "auto", "none", ""],
+    te = g.add("FluxCoreTextEncoderLoader", (0, 0), {"text_encoder": "qwen_3_4b.safetensors"},
                model_file="qwen_3_4b.safetensors")
-    m = g.add("FluxCoreKleinModelLoader" if klein else "FluxCoreZImageModelLoader", (0, 220),
-              [model_file, "auto", "auto", "none", variant], model_file=model_file)
-    vae = g.add("FluxCoreVAELoader", (0, 440), [vae_file, "auto", "auto"], model_file=vae_file)
+    m = g.add("FluxCoreKleinModelLoader" if klein else "FluxCoreZImageModelLoader", (0, 250),
+              {"model_name": model_file, "variant": variant}, model_file=model_file)
+    vae = g.add("FluxCoreVAELoader", (0, 520), {"vae_name": vae_file}, model_file=vae_file)
     return te, m, vae
 
 
-def finish(g: Graph, m, pos, neg, vae, widgets, prefix, col=800):
-    s = g.add("FluxCoreSampler", (col, 0), widgets,
+def encode(g: Graph, te, m, prompt: str, negative: str = ""):
+    return g.add("FluxCoreQwen3Encode", (col(L), 0), {"prompt": prompt, "negative_prompt": negative},
+                 {"text_encoder": (te, 0), "model": (m, 0)})
+
+
+def finish(g: Graph, m, pos, neg, vae, sampler: dict, prefix: str, x: int):
+    s = g.add("FluxCoreSampler", (x, 0), {"seed": SEED, "batch_size": 1, **sampler},
               {"model": (m, 0), "positive": pos, **({"negative": neg} if neg else {})})
-    d = g.add("FluxCoreVAEDecode", (col + 360, 0), [], {"vae": (vae, 0), "samples": (s, 0)})
-    g.add("SaveImage", (col + 720, 0), [prefix], {"images": (d, 0)})
+    d = g.add("FluxCoreVAEDecode", (x + S + GAP, 0), {}, {"vae": (vae, 0), "samples": (s, 0)})
+    g.add("SaveImage", (x + S + GAP + D + GAP, 0), {"filename_prefix": prefix}, {"images": (d, 0)})
+
+
+# What each sampler shows: the variant's defaults spelled out (klein distilled: 4 steps, no CFG at guidance 1;
+# klein base: 50 steps at CFG 4, as Flux2KleinPipeline; Z-Image-Turbo: 8 steps at guidance 0, Z-Image's own
+# convention where 0 means no CFG, i.e. ComfyUI's cfg 1.0).
+KLEIN = {"steps": 4, "guidance": 1.0, "width": 1024, "height": 1024}
+KLEIN_BASE = {"steps": 50, "guidance": 4.0, "width": 1024, "height": 1024}
+ZIMAGE_TURBO = {"steps": 8, "guidance": 0.0, "width": 1024, "height": 1024}
 
 
 def build(info: dict) -> dict[str, dict]:
@@ -100,50 +161,46 @@ def build(info: dict) -> dict[str, dict]:
 
     g = Graph(info)
     te, m, vae = loaders(g, "flux-2-klein-4b.safetensors", "flux2-vae.safetensors")
-    enc = g.add("FluxCoreQwen3Encode", (380, 0), ["a red fox sitting in fresh snow at sunrise, soft golden light, "
-                                                  "shallow depth of field", "auto", ""],
-                {"text_encoder": (te, 0), "model": (m, 0)})
-    finish(g, m, (enc, 0), None, vae, [42, "randomize", 0, -1.0, 1024, 1024, 1, 1.0], "fluxcore_klein")
+    enc = encode(g, te, m, "a red fox sitting in fresh snow at sunrise, soft golden light, shallow depth of field")
+    finish(g, m, (enc, 0), None, vae, KLEIN, "fluxcore_klein", col(L, E))
     out["fluxcore_klein_text_to_image"] = g.ui()
 
     g = Graph(info)
     te, m, vae = loaders(g, "flux-2-klein-4b.safetensors", "flux2-vae.safetensors")
-    enc = g.add("FluxCoreQwen3Encode", (380, 0), ["Change the color of the bag to deep blue, keep everything else.",
-                                                  "auto", ""], {"text_encoder": (te, 0), "model": (m, 0)})
-    img = g.add("LoadImage", (380, 360), ["fluxcore_reference.png", "image"])
-    ref = g.add("FluxCoreReferenceImageEncode", (800, 360), [False],
+    enc = encode(g, te, m, "Change the color of the bag to deep blue, keep everything else.")
+    # the image under the encoder with a free band between them: the VAE's link to the reference encoder runs
+    # through that band instead of behind a node
+    img = g.add("LoadImage", (col(L), IMAGE_Y), {"image": "fluxcore_reference.png"})
+    ref = g.add("FluxCoreReferenceImageEncode", (col(L, E), 380), {},
                 {"conditioning": (enc, 0), "vae": (vae, 0), "image": (img, 0)})
-    finish(g, m, (ref, 0), None, vae, [42, "randomize", 0, -1.0, 0, 0, 1, 1.0], "fluxcore_klein_edit", col=1200)
+    finish(g, m, (ref, 0), None, vae, KLEIN, "fluxcore_klein_edit", col(L, E, R))
     out["fluxcore_klein_edit"] = g.ui()
 
     g = Graph(info)
     te, m, vae = loaders(g, "flux-2-klein-4b.safetensors", "flux2-vae.safetensors")
-    enc = g.add("FluxCoreQwen3Encode", (380, 0), ["The person from the first image wearing the jacket from the "
-                                                  "second image, standing in a city street.", "auto", ""],
-                {"text_encoder": (te, 0), "model": (m, 0)})
-    img1 = g.add("LoadImage", (380, 360), ["fluxcore_reference.png", "image"], title="Reference 1")
-    img2 = g.add("LoadImage", (380, 760), ["fluxcore_reference_2.png", "image"], title="Reference 2")
-    ref1 = g.add("FluxCoreReferenceImageEncode", (800, 360), [False],
+    enc = encode(g, te, m, "The person from the first image wearing the jacket from the second image, standing "
+                           "in a city street.")
+    img1 = g.add("LoadImage", (col(L), IMAGE_Y), {"image": "fluxcore_reference.png"}, title="Reference 1")
+    img2 = g.add("LoadImage", (col(L), IMAGE_Y + 370), {"image": "fluxcore_reference_2.png"}, title="Reference 2")
+    # the second encoder one column right of the first and lower: its conditioning link runs forward, visible
+    ref1 = g.add("FluxCoreReferenceImageEncode", (col(L, E), 380), {},
                  {"conditioning": (enc, 0), "vae": (vae, 0), "image": (img1, 0)})
-    ref2 = g.add("FluxCoreReferenceImageEncode", (800, 560), [False],
+    ref2 = g.add("FluxCoreReferenceImageEncode", (col(L, E, R), 520), {},
                  {"conditioning": (ref1, 0), "vae": (vae, 0), "image": (img2, 0)})
-    finish(g, m, (ref2, 0), None, vae, [42, "randomize", 0, -1.0, 0, 0, 1, 1.0], "fluxcore_klein_multiref", col=1200)
+    finish(g, m, (ref2, 0), None, vae, KLEIN, "fluxcore_klein_multiref", col(L, E, R, R))
     out["fluxcore_klein_multi_reference"] = g.ui()
 
     g = Graph(info)
     te, m, vae = loaders(g, "flux-2-klein-base-4b.safetensors", "flux2-vae.safetensors", variant="base")
-    enc = g.add("FluxCoreQwen3Encode", (380, 0), ["a watercolor painting of a lighthouse on a cliff, stormy sea",
-                                                  "auto", "blurry, low quality, watermark"],
-                {"text_encoder": (te, 0), "model": (m, 0)})
-    finish(g, m, (enc, 0), (enc, 1), vae, [42, "randomize", 0, 4.0, 1024, 1024, 1, 1.0], "fluxcore_klein_base")
+    enc = encode(g, te, m, "a watercolor painting of a lighthouse on a cliff, stormy sea",
+                 "blurry, low quality, watermark")
+    finish(g, m, (enc, 0), (enc, 1), vae, KLEIN_BASE, "fluxcore_klein_base", col(L, E))
     out["fluxcore_klein_base_cfg"] = g.ui()
 
     g = Graph(info)
     te, m, vae = loaders(g, "z_image_turbo_bf16.safetensors", "ae.safetensors")
-    enc = g.add("FluxCoreQwen3Encode", (380, 0), ["a cozy reading nook by a rainy window, warm lamp light, "
-                                                  "photorealistic", "auto", ""],
-                {"text_encoder": (te, 0), "model": (m, 0)})
-    finish(g, m, (enc, 0), None, vae, [42, "randomize", 0, -1.0, 1024, 1024, 1, 1.0], "fluxcore_zimage")
+    enc = encode(g, te, m, "a cozy reading nook by a rainy window, warm lamp light, photorealistic")
+    finish(g, m, (enc, 0), None, vae, ZIMAGE_TURBO, "fluxcore_zimage", col(L, E))
     out["fluxcore_zimage_turbo_text_to_image"] = g.ui()
     return out
 

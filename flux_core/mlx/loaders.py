@@ -66,3 +66,16 @@ def empty_cache() -> None:
     clear = getattr(mx, "clear_cache", None) or getattr(getattr(mx, "metal", None), "clear_cache", None)
     if clear:
         clear()
+
+
+def free_bytes(device: str) -> None:
+    """Unified memory: there is no separate device pool to measure (or to refuse a load against)."""
+    return None
+
+
+def offload(module, device: str, mode: str, spare_bytes: int = 0) -> str:
+    """MLX computes from the memory the weights live in: nothing to move (`memory.resolve_offload` says so first)."""
+    from ..errors import ConfigError
+
+    raise ConfigError(f"offload {mode} is not available on MLX (unified memory): use offload none, and quantization "
+                      "int8 / int4 to save memory")

@@ -33,8 +33,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..errors import ConfigError
+from .. import tiling
 from ..configs import GN_EPS, VAEConfig, config_from_weights
+from ..errors import ConfigError
 from ..weights.io import as_checkpoint
 from ..weights.keymap import check_strict, shapes
 from ..weights.vae import detect_kind, to_native
@@ -170,9 +171,17 @@ class Encoder(nn.Module):
         self.quant_conv = _conv(2 * cfg.z_channels, 2 * cfg.z_channels, 1) if cfg.quant_conv else None
 
     def __call__(self, x: mx.array) -> mx.array:
+        return self.tail(self.features(x))
+
+    def features(self, x: mx.array) -> mx.array:
+        """Full-resolution part (tiled by a tiled encode): image -> features at 1/8 scale."""
         x = self.conv_in(x)
         for level in self.down:
             x = level(x)
+        return x
+
+    def tail(self, x: mx.array) -> mx.array:
+        """1/8-scale part (always whole): -> moments."""
         x = self.conv_out(silu(self.norm_out(self.mid(x))))
         return x if self.quant_conv is None else self.quant_conv(x)
 
@@ -192,9 +201,16 @@ class Decoder(nn.Module):
         self.conv_out = _conv(ch[0], cfg.out_channels, 3)
 
     def __call__(self, z: mx.array) -> mx.array:
+        return self.tail(self.head(z))
+
+    def head(self, z: mx.array) -> mx.array:
+        """Latent-scale part (always whole: its attention and GroupNorms see the whole image)."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        x = self.mid(self.conv_in(z))
+        return self.mid(self.conv_in(z))
+
+    def tail(self, x: mx.array) -> mx.array:
+        """Upsampling part (tiled by a tiled decode): mid-block features -> image."""
         for level in reversed(self.up):
             x = level(x)
         return self.conv_out(silu(self.norm_out(x)))
@@ -244,20 +260,40 @@ class _FluxVAE(nn.Module):
     def downscale(self) -> int:
         return 2 ** (self.config.levels - 1)
 
-    def _mean(self, img01) -> mx.array:
-        """[B,3,H,W] in [0,1] -> posterior mean [B,z,H/8,W/8], float32 NCHW."""
+    @property
+    def factor(self) -> int:
+        """Pixels per raw-latent position per side (8)."""
+        return 2 ** (self.config.levels - 1)
+
+    def _mean(self, img01, tile: int | None = None) -> mx.array:
+        """[B,3,H,W] in [0,1] -> posterior mean [B,z,H/8,W/8], float32 NCHW. `tile`: pixel tile side or None."""
         img01 = _as_mx(img01)
         b, c, h, w = img01.shape
         if h % self.downscale or w % self.downscale:
             raise ConfigError(f"{type(self).__name__}.encode: image size {h}x{w} must be a multiple of "
                               f"{self.downscale}; crop or resize it first.")
         x = (img01.astype(F32) * 2 - 1).astype(self.dtype).transpose(0, 2, 3, 1)                       # NHWC
-        moments = self.encoder(x)
-        return moments[..., : self.config.z_channels].astype(F32).transpose(0, 3, 1, 2)
+        f, z = self.factor, self.config.z_channels
+        if tile:
+            t, o = tiling.decode_geometry(tile, factor=f)
+            feats = _blend(lambda y0, y1, x0, x1: self.encoder.features(x[:, y0 * f:y1 * f, x0 * f:x1 * f]),
+                           tiling.plan(h // f, w // f, t, o, 1), 1)
+            moments = self.encoder.tail(feats.astype(self.dtype))
+        else:
+            moments = self.encoder(x)
+        return moments[..., :z].astype(F32).transpose(0, 3, 1, 2)
 
-    def _image(self, z: mx.array) -> mx.array:
-        """raw latent NCHW (float32) -> image [B,3,H,W] in [0,1], float32."""
-        x = self.decoder(z.transpose(0, 2, 3, 1).astype(self.dtype))
+    def _image(self, z: mx.array, tile: int | None = None) -> mx.array:
+        """raw latent NCHW (float32) -> image [B,3,H,W] in [0,1], float32. `tile`: pixel tile side or None."""
+        z = z.transpose(0, 2, 3, 1).astype(self.dtype)
+        if tile:
+            f = self.factor
+            t, o = tiling.decode_geometry(tile, factor=f)
+            mid = self.decoder.head(z)
+            x = _blend(lambda y0, y1, x0, x1: self.decoder.tail(mid[:, y0:y1, x0:x1]),
+                       tiling.plan(z.shape[1], z.shape[2], t, o, f), f)
+        else:
+            x = self.decoder(z)
         return mx.clip(x.astype(F32) / 2 + 0.5, 0.0, 1.0).transpose(0, 3, 1, 2)
 
     def _check_latent(self, z: mx.array) -> None:
@@ -283,13 +319,13 @@ class Flux2VAE(_FluxVAE):
     def downscale(self) -> int:
         return 2 * super().downscale   # the 2x2 patchify
 
-    def encode(self, img01) -> mx.array:
-        return self.bn.normalize(patchify(self._mean(img01)))
+    def encode(self, img01, tile: int | None = None) -> mx.array:
+        return self.bn.normalize(patchify(self._mean(img01, tile)))
 
-    def decode(self, z) -> mx.array:
+    def decode(self, z, tile: int | None = None) -> mx.array:
         z = _as_mx(z)
         self._check_latent(z)
-        return self._image(unpatchify(self.bn.denormalize(z.astype(F32))))
+        return self._image(unpatchify(self.bn.denormalize(z.astype(F32))), tile)
 
 
 class Flux1VAE(_FluxVAE):
@@ -301,13 +337,13 @@ class Flux1VAE(_FluxVAE):
     def latent_channels(self) -> int:
         return self.config.z_channels
 
-    def encode(self, img01) -> mx.array:
-        return (self._mean(img01) - self.config.shift_factor) * self.config.scaling_factor
+    def encode(self, img01, tile: int | None = None) -> mx.array:
+        return (self._mean(img01, tile) - self.config.shift_factor) * self.config.scaling_factor
 
-    def decode(self, z) -> mx.array:
+    def decode(self, z, tile: int | None = None) -> mx.array:
         z = _as_mx(z)
         self._check_latent(z)
-        return self._image(z.astype(F32) / self.config.scaling_factor + self.config.shift_factor)
+        return self._image(z.astype(F32) / self.config.scaling_factor + self.config.shift_factor, tile)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -345,6 +381,24 @@ def unpatchify(z: mx.array) -> mx.array:
     """Inverse of `patchify`."""
     b, c4, h, w = z.shape
     return z.reshape(b, c4 // 4, 2, 2, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(b, c4 // 4, h * 2, w * 2)
+
+
+def _blend(run, tiles, scale: int) -> mx.array:
+    """Weighted sum of `run(y0, y1, x0, x1)` (NHWC outputs at `scale` x the tile) over the plan, divided by the
+    weight sum. Each tile is evaluated before the next, so only one tile's activations exist at a time."""
+    out = wsum = None
+    for y0, y1, x0, x1, wy, wx in tiles:
+        part = run(y0, y1, x0, x1).astype(F32)
+        if out is None:
+            b, _, _, c = part.shape
+            h, w = tiles[-1][1] * scale, tiles[-1][3] * scale
+            out, wsum = mx.zeros((b, h, w, c), dtype=F32), mx.zeros((1, h, w, 1), dtype=F32)
+        wt = mx.array(np.outer(wy, wx))[None, :, :, None]
+        ys, xs = slice(y0 * scale, y1 * scale), slice(x0 * scale, x1 * scale)
+        out[:, ys, xs, :] = out[:, ys, xs, :] + part * wt
+        wsum[:, ys, xs, :] = wsum[:, ys, xs, :] + wt
+        mx.eval(out, wsum)
+    return out / wsum
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, chunk: int = ATTN_CHUNK) -> mx.array:

@@ -80,3 +80,28 @@ def empty_cache() -> None:
     mps = getattr(torch, "mps", None)
     if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         mps.empty_cache()
+
+
+def free_bytes(device: str) -> int | None:
+    """Free memory of a CUDA device (what `cudaMemGetInfo` reports); None elsewhere (CPU, MPS: unknown or shared)."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    idx = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+    return int(torch.cuda.mem_get_info(idx)[0])
+
+
+def offload(module, device: str, mode: str, spare_bytes: int = 0) -> str:
+    """Wrap a module loaded on the host for `mode` (model | blocks) on `device` (flux_core/torch/offload.py); with
+    blocks, a share of `spare_bytes` keeps blocks resident (each one kept is one copy fewer per step)."""
+    from .offload import RESIDENT_SHARE
+    from .offload import offload as wrap
+
+    keep = 0
+    sizes = [sum(t.numel() * t.element_size() for t in (*b.parameters(), *b.buffers())) for b in blocks(module)]
+    if mode == "blocks" and spare_bytes > 0 and sizes:
+        keep = int(RESIDENT_SHARE * spare_bytes // (sum(sizes) / len(sizes)))
+    off = wrap(module, device, mode, resident_blocks=keep)
+    streamed = f", {len(off.stream_ids)} of {len(sizes)} blocks streamed" if mode == "blocks" else ""
+    return (f"offload {mode}: {off.host_bytes / 1e9:.2f} GB in pinned host memory, "
+            f"{off.device_bytes('resident' if mode == 'model' else 'blocks') / 1e9:.2f} GB on {device} while it "
+            f"runs{streamed}")

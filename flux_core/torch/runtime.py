@@ -41,6 +41,14 @@ def make_denoiser(model, cond, uncond, guidance: float, batch: int, h: int, w: i
     return make(model.module, model.family, cond, uncond, guidance, batch, h, w)
 
 
+def compute_device(net):
+    """Where the module computes: an offloaded module's weights may sit on the host between uses."""
+    from .offload import offloader_of
+
+    off = offloader_of(net)
+    return off.device if off is not None else next(net.parameters()).device
+
+
 def pack(x):
     """[B, C, h, w] -> [B, h·w, C] (row-major tokens, diffusers `_pack_latents`)."""
     b, c, h, w = x.shape
@@ -55,8 +63,7 @@ def unpack(tokens, h: int, w: int):
 def _klein_denoiser(net, family, cond, uncond, guidance, batch, h, w):
     from .klein import position_ids, text_ids
 
-    p = next(net.parameters())
-    dev, dt = p.device, p.dtype
+    dev, dt = compute_device(net), next(net.parameters()).dtype
     ids = [position_ids(h, w)]
     refs = []
     for i, ref in enumerate(cond.refs):  # reference i: t = 10·(i+1), h/w restart at 0 (docs/MODELS.md §K4)
@@ -92,8 +99,7 @@ def _klein_denoiser(net, family, cond, uncond, guidance, batch, h, w):
 
 
 def _zimage_denoiser(net, family, cond, uncond, guidance, batch, h, w):
-    p = next(net.parameters())
-    dev, dt = p.device, p.dtype
+    dev, dt = compute_device(net), next(net.parameters()).dtype
     caps = [c.to(dev, dt) for c in cond.embeds]
     if uncond is not None:  # CFG: one forward over [positive; negative] captions (padded and masked per row)
         caps += [c.to(dev, dt) for c in uncond.embeds]

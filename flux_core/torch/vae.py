@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import tiling
 from ..configs import GN_EPS, VAEConfig, config_from_weights
 from ..errors import ConfigError
 from ..weights.io import as_checkpoint
@@ -154,9 +156,17 @@ class Encoder(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1) if cfg.quant_conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution part (tiled by a tiled encode): image -> level features at 1/8 scale."""
         x = self.conv_in(x)
         for level in self.down:
             x = level(x)
+        return x
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1/8-scale part (always whole: its attention and GroupNorms see the whole image): -> moments."""
         x = self.conv_out(F.silu(self.norm_out(self.mid(x))))
         return x if self.quant_conv is None else self.quant_conv(x)
 
@@ -177,9 +187,16 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.head(z))
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent-scale part (always whole: its attention and GroupNorms see the whole image)."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        x = self.mid(self.conv_in(z))
+        return self.mid(self.conv_in(z))
+
+    def tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The upsampling part (tiled by a tiled decode): mid-block features -> image."""
         for level in reversed(self.up):
             x = level(x)
         return self.conv_out(F.silu(self.norm_out(x)))
@@ -233,20 +250,54 @@ class _FluxVAE(nn.Module):
     def downscale(self) -> int:
         return 2 ** (self.config.levels - 1)
 
-    def _mean(self, img01: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] in [0,1] -> posterior mean [B,z,H/8,W/8], float32."""
+    @property
+    def factor(self) -> int:
+        """Pixels per raw-latent position per side (8): the decoder's upsampling."""
+        return 2 ** (self.config.levels - 1)
+
+    def _mean(self, img01: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """[B,3,H,W] in [0,1] -> posterior mean [B,z,H/8,W/8], float32. `tile`: pixel tile side (None: untiled)."""
         b, c, h, w = img01.shape
         if h % self.downscale or w % self.downscale:
             raise ConfigError(f"{type(self).__name__}.encode: image size {h}x{w} must be a multiple of "
                               f"{self.downscale}; crop or resize it first.")
         x = (img01.to(self.device, torch.float32) * 2 - 1).to(self.dtype)
-        moments = self.encoder(x)
-        return moments[:, : self.config.z_channels].float()
+        f, z = self.factor, self.config.z_channels
+        if not tile:
+            return self.encoder(x)[:, :z].float()
+        t, o = tiling.decode_geometry(tile, factor=f)
+        tiles = tiling.plan(h // f, w // f, t, o, 1)
+        feats = None
+        wsum = torch.zeros(h // f, w // f, dtype=torch.float32, device=x.device)
+        for y0, y1, x0, x1, wy, wx in tiles:  # pixel tiles; their 1/8-scale features blended, then one tail
+            part = self.encoder.features(x[..., y0 * f:y1 * f, x0 * f:x1 * f]).float()
+            if feats is None:
+                feats = torch.zeros(b, part.shape[1], h // f, w // f, dtype=torch.float32, device=x.device)
+            wt = torch.from_numpy(np.outer(wy, wx)).to(x.device)
+            feats[..., y0:y1, x0:x1] += part * wt
+            wsum[y0:y1, x0:x1] += wt
+        return self.encoder.tail((feats / wsum).to(self.dtype))[:, :z].float()
 
-    def _image(self, z: torch.Tensor) -> torch.Tensor:
-        """raw latent (float32) -> image [B,3,H,W] in [0,1], float32."""
-        x = self.decoder(z.to(self.device, self.dtype))
-        return (x.float() / 2 + 0.5).clamp(0, 1)
+    def _image(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """raw latent (float32) -> image [B,3,H,W] in [0,1], float32. `tile`: pixel tile side (None: untiled)."""
+        z = z.to(self.device, self.dtype)
+        if not tile:
+            x = self.decoder(z).float()
+        else:
+            f = self.factor
+            t, o = tiling.decode_geometry(tile, factor=f)
+            b, _, h, w = z.shape
+            mid = self.decoder.head(z)  # latent scale, whole
+            x = torch.zeros(b, self.config.out_channels, h * f, w * f, dtype=torch.float32, device=z.device)
+            wsum = torch.zeros(h * f, w * f, dtype=torch.float32, device=z.device)
+            for y0, y1, x0, x1, wy, wx in tiling.plan(h, w, t, o, f):  # latent tiles, blended in pixel space
+                part = self.decoder.tail(mid[..., y0:y1, x0:x1]).float()
+                wt = torch.from_numpy(np.outer(wy, wx)).to(z.device)
+                x[..., y0 * f:y1 * f, x0 * f:x1 * f] += part * wt
+                wsum[y0 * f:y1 * f, x0 * f:x1 * f] += wt
+                del part
+            x = x / wsum
+        return (x / 2 + 0.5).clamp(0, 1)
 
     def _check_latent(self, z: torch.Tensor) -> None:
         if z.dim() != 4 or z.shape[1] != self.latent_channels:
@@ -272,13 +323,13 @@ class Flux2VAE(_FluxVAE):
         return 2 * super().downscale   # the 2x2 patchify
 
     @torch.no_grad()
-    def encode(self, img01: torch.Tensor) -> torch.Tensor:
-        return self.bn.normalize(patchify(self._mean(img01)))
+    def encode(self, img01: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        return self.bn.normalize(patchify(self._mean(img01, tile)))
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         self._check_latent(z)
-        return self._image(unpatchify(self.bn.denormalize(z.float())))
+        return self._image(unpatchify(self.bn.denormalize(z.float())), tile)
 
 
 class Flux1VAE(_FluxVAE):
@@ -291,13 +342,13 @@ class Flux1VAE(_FluxVAE):
         return self.config.z_channels
 
     @torch.no_grad()
-    def encode(self, img01: torch.Tensor) -> torch.Tensor:
-        return (self._mean(img01) - self.config.shift_factor) * self.config.scaling_factor
+    def encode(self, img01: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        return (self._mean(img01, tile) - self.config.shift_factor) * self.config.scaling_factor
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         self._check_latent(z)
-        return self._image(z.float() / self.config.scaling_factor + self.config.shift_factor)
+        return self._image(z.float() / self.config.scaling_factor + self.config.shift_factor, tile)
 
 
 # ------------------------------------------------------------------------------------------------ loading

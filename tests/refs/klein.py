@@ -1,4 +1,4 @@
-"""Reference FLUX.2 [klein] transformer: diffusers `Flux2Transformer2DModel` at the tiny config of REFERENCE.md §5,
+"""Reference FLUX.2 [klein] transformer: diffusers `Flux2Transformer2DModel` at the tiny config of docs/MODELS.md §X,
 with its weights written in the diffusers folder layout and in the BFL / ComfyUI single-file layout.
 
 The BFL file is written by `diffusers_to_bfl` below, a plain hand-written inverse of diffusers' own converter
@@ -16,7 +16,7 @@ TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, att
             num_attention_heads=4, joint_attention_dim=48, timestep_guidance_channels=256, mlp_ratio=3.0,
             axes_dims_rope=(4, 4, 4, 4), rope_theta=2000, eps=1e-6, guidance_embeds=False)
 
-# Published geometries (REFERENCE.md §1.2); everything else is the diffusers default.
+# Published geometries (docs/MODELS.md §K1); everything else is the diffusers default.
 KLEIN_4B = dict(in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=7680, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000,
                 eps=1e-6, guidance_embeds=False)

@@ -1,6 +1,6 @@
 """Reference builders for the Qwen3 text encoder tests: tiny HF models, tokenizers and checkpoint files.
 
-Tiny config from REFERENCE.md 5: 28 layers so that hs[9], hs[18], hs[27] are un-normed layer outputs as in the real
+Tiny config from docs/MODELS.md §X: 28 layers so that hs[9], hs[18], hs[27] are un-normed layer outputs as in the real
 36-layer model; vocab 261 = 256 byte symbols + 5 chat tokens, so a tiny byte-level tokenizer (no merges) fits it.
 """
 from __future__ import annotations
@@ -116,7 +116,7 @@ def write_tiny_tokenizer(folder) -> Path:
 
 
 def tiny_hf_tokenizer():
-    """transformers Qwen2Tokenizer over the tiny vocabulary, with the Qwen3 chat template (REFERENCE.md 5)."""
+    """transformers Qwen2Tokenizer over the tiny vocabulary, with the Qwen3 chat template (docs/MODELS.md §Q3, §X)."""
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 

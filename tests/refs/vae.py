@@ -3,7 +3,7 @@ and the pipelines' own encode/decode paths.
 
 The LDM (original) layout is written by `ldm_state_dict`, a hand-written rename that does not use our KeyMap, and is
 verified by `check_ldm_with_diffusers`, which runs diffusers' own `convert_ldm_vae_checkpoint` on it (after moving the
-FLUX.2 quant convs to top level, REFERENCE.md §0.14c) and demands the exact diffusers state dict back. So a bug in
+FLUX.2 quant convs to top level, docs/MODELS.md §V3) and demands the exact diffusers state dict back. So a bug in
 `flux_core.weights.vae` cannot hide behind a matching bug here.
 """
 from __future__ import annotations
@@ -15,14 +15,14 @@ from types import SimpleNamespace
 
 import torch
 
-# REFERENCE.md §5: four levels give the real 8x factor; groups 4 so that widths 8/16 work.
+# docs/MODELS.md §X: four levels give the real 8x factor; groups 4 so that widths 8/16 work.
 TINY_BLOCKS = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                    block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
 TINY_FLUX2 = dict(TINY_BLOCKS, latent_channels=4, batch_norm_eps=1e-4, patch_size=(2, 2))
 TINY_FLUX1 = dict(TINY_BLOCKS, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
                   use_quant_conv=False, use_post_quant_conv=False)
 
-# Real sizes: REFERENCE.md §1.6 / §2.1, PERF_ANCHORS "Configs" (AutoencoderKLFlux2() defaults are FLUX.2's;
+# Real sizes: docs/MODELS.md §V1 / §V2 (AutoencoderKLFlux2() defaults are FLUX.2's;
 # AutoencoderKL needs explicit FLUX.1 settings).
 REAL_FLUX2: dict = {}
 REAL_FLUX1 = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-# REFERENCE.md §5. sum(axes_dims) = dim / n_heads = 32.
+# docs/MODELS.md §X. sum(axes_dims) = dim / n_heads = 32.
 TINY = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=64, n_layers=2, n_refiner_layers=1,
             n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32, rope_theta=256.0, t_scale=1000.0,
             axes_dims=[8, 12, 12], axes_lens=[1536, 512, 512])
 
-# REFERENCE.md §2.1, the published Z-Image-Turbo transformer/config.json.
+# docs/MODELS.md §Z1, the published Z-Image-Turbo transformer/config.json.
 REAL = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
             n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
             t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
