@@ -223,3 +223,25 @@ def test_gguf_linear_compiles_without_graph_breaks(qtype):
     x = torch.randn(3, 256)
     assert torch._dynamo.explain(lin)(x).graph_break_count == 0
     assert torch.equal(torch.compile(lin, fullgraph=True, backend="aot_eager")(x), lin(x))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q8_0"])
+def test_gguf_blocks_stream_with_offload(world, qtype):
+    """GGUFLinear's raw blocks are uint8 buffers: block streaming (flux_core/torch/offload.py) moves them like any
+    weight and the output is bit-identical to the resident model."""
+    from flux_core.torch import offload as O
+    from flux_core.torch.klein import position_ids, text_ids
+    from flux_core.torch.loaders import load_prequantized
+    from flux_core.weights.io import load_checkpoint
+
+    path, _ = gguf_pair(world, "klein", qtype)
+    resident, streamed = (load_prequantized("klein", load_checkpoint(path, "transformer"), "float32", "cpu")
+                          for _ in range(2))
+    O.offload(streamed, "cpu", "blocks", copy=True)
+    g = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(1, 12, PF.KLEIN["in_channels"], generator=g), torch.randn(1, 5, 768, generator=g)
+    args = (img, position_ids(3, 4)[None], txt, text_ids(5)[None], torch.tensor([0.7]))
+    with torch.inference_mode():
+        want = resident(*args)
+        got = [streamed(*args).clone() for _ in range(2)]
+    assert all(torch.equal(x, want) for x in got)

@@ -25,10 +25,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..configs import BLOCK_CONTAINERS
+from ..configs import BLOCK_CONTAINERS, MODULATION_CONTAINERS
 from ..errors import ConfigError
 
-MODULATION_CONTAINERS = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
 SKIP_NAMES = ("modulation",)
 GROUP = 64
 FP8_MAX = 448.0

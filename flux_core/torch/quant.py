@@ -31,13 +31,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..configs import BLOCK_CONTAINERS
+from ..configs import BLOCK_CONTAINERS, MODULATION_CONTAINERS
 from ..errors import ConfigError
 
 MODES = ("int8", "int4", "fp8")
 GROUP = 64                   # int4 group size along in_features
 FP8_MAX = 448.0              # largest finite float8_e4m3fn
-MODULATION_CONTAINERS = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
 SKIP_NAMES = ("modulation",)  # adaLN_modulation / *_modulation: kept at the compute dtype except for int4 (header)
 
 
