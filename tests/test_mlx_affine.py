@@ -69,8 +69,9 @@ def _torch_state(path, kind):
 
 @pytest.mark.parametrize("kind,bits,group,style", [("klein", 4, 64, "mflux"), ("zimage", 8, 64, "mflux"),
                                                    pytest.param("qwen3", 4, 64, "mflux", marks=pytest.mark.slow),
-                                                   ("klein", 8, 32, "community"), ("zimage", 3, 64, "mflux"),
-                                                   ("klein", 6, 128, "community")])
+                                                   ("klein", 8, 32, "community"),
+                                                   pytest.param("zimage", 3, 64, "mflux", marks=pytest.mark.slow),
+                                                   pytest.param("klein", 6, 128, "community", marks=pytest.mark.slow)])
 def test_torch_loads_exactly_mx_dequantize(world, kind, bits, group, style):
     path, ref = folder(world, kind, bits, group, style)
     assert prequant.detect(path.parent, "text_encoder" if kind == "qwen3" else "transformer") == "mlx"
