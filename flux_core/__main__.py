@@ -54,7 +54,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default="out.png", help="PNG path; with --batch-size > 1, _1, _2 ... are added")
     p.add_argument("--output-latent", help="also save the final latent (safetensors, key 'latent', native layout)")
     p.add_argument("--compile", action="store_true",
-                   help="torch: compile the transformer blocks (faster steps on CUDA after a one-off compile)")
+                   help="torch: compile the transformer blocks and the VAE decoder (faster steps and decode on CUDA "
+                        "after a one-off compile)")
     p.add_argument("--offload", choices=["auto", "none", "model", "blocks"], default="auto",
                    help="CUDA: keep weights in host memory and copy them in when used: model = whole components "
                         "between stages, blocks = transformer / text-encoder blocks streamed while the previous "
@@ -90,7 +91,7 @@ def run_generate(args) -> list[Path]:
                                           distilled=distilled, compile=args.compile, offload=args.offload)
     text_encoder = models.load_text_encoder(te_path, tok, args.backend, args.device, args.dtype, args.quantization,
                                             offload=args.offload)
-    vae = models.load_vae(vae_path, args.backend, args.device, args.dtype, offload=args.offload)
+    vae = models.load_vae(vae_path, args.backend, args.device, args.dtype, offload=args.offload, compile=args.compile)
     for m in (transformer, text_encoder, vae):
         log.info("loaded %s (%s)", m.describe(), "; ".join(m.notes))
     log.info("loading took %.1f s", time.perf_counter() - t0)

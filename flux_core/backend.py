@@ -116,7 +116,7 @@ def resolve_dtype(dtype: str | None, choice: Choice) -> str:
 
 # ---------------------------------------------------------------------------------------------- the backend table
 # Everything backend-specific the rest of flux_core needs goes through one of these modules, which have the same
-# functions (load_transformer / load_qwen3 / load_vae / quantize_model / compile_blocks / device_memory_gb /
+# functions (load_transformer / load_qwen3 / load_vae / quantize_model / compile_blocks / compile_vae / device_memory_gb /
 # empty_cache); the sampler's per-backend arithmetic is the matching `runtime` module.
 IMPLEMENTATIONS = {"torch": "flux_core.torch", "mlx": "flux_core.mlx"}
 
@@ -161,6 +161,11 @@ def load_transformer(choice: Choice, family, ckpt, dtype: str, quantization: str
 def compile_blocks(module, choice: Choice) -> str:
     """Regional compilation where the backend has it (torch); MLX compiles its whole step itself."""
     return impl(choice.backend).compile_blocks(module)
+
+
+def compile_vae(module, choice: Choice) -> str:
+    """The VAE decoder compiled where the backend has it (torch: channels-last + torch.compile)."""
+    return impl(choice.backend).compile_vae(module)
 
 
 def build_text_encoder(choice: Choice, ckpt, dtype: str, quantization: str, tokenizer):

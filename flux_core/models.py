@@ -206,8 +206,9 @@ def _prequantized(ckpt, quantization: str) -> tuple[str, list[str]]:
 
 
 def load_vae(path, backend: str = "auto", device: str | None = None, dtype: str | None = None,
-             offload: str = "auto") -> LoadedModel:
-    """offload: none | model | auto (blocks means model here: the VAE moves whole)."""
+             offload: str = "auto", compile: bool = False) -> LoadedModel:
+    """offload: none | model | auto (blocks means model here: the VAE moves whole). compile=True (torch): the decoder
+    is compiled channels-last on first decode (~2.4x faster decode on CUDA); not with an offloaded VAE."""
     choice, dt = _resolve(backend, device, dtype)
     offload = "model" if offload == "blocks" else offload
 
@@ -217,9 +218,13 @@ def load_vae(path, backend: str = "auto", device: str | None = None, dtype: str 
         vae = backends.load_vae(load_choice, ckpt, dt)
         notes = [choice.reason, f"{vae.kind.upper()} VAE detected from the keys", why]
         _offload(choice, vae, mode, notes)
+        if compile and mode == "none":
+            notes.append(backends.compile_vae(vae, choice))
+        elif compile:
+            notes.append(f"VAE not compiled: offload {mode} moves its weights between calls")
         return LoadedModel("vae", vae, ckpt.source, choice.backend, choice.device, dt, "none", None, notes, mode)
 
-    key = _key("vae", path, choice.backend + choice.device, dt, "none", (offload,))
+    key = _key("vae", path, choice.backend + choice.device, dt, "none", (offload, compile))
     return _cached(key, build)
 
 

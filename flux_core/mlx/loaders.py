@@ -54,6 +54,10 @@ def compile_blocks(module) -> str:
     return "compile: MLX always compiles its step (mlx/runtime.py)"
 
 
+def compile_vae(vae) -> str:
+    return "compile: the MLX VAE runs eagerly (not compiled)"
+
+
 def device_memory_gb(device: str) -> float:
     """Unified memory: the machine's RAM."""
     try:

@@ -36,7 +36,7 @@ from torch import nn
 from ..configs import KleinConfig, klein_position_ids, klein_text_ids
 from ..weights import klein as klein_keys
 from ..weights.io import as_checkpoint
-from .common import load_into_torch, timestep_embedding
+from .common import load_into_torch, sdpa, timestep_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def _modulate(x, shift, scale, eps):
 def attention(q, k, v, pe):
     """q, k, v [B, L, H, d] -> RoPE on q, k -> SDPA (scale 1/sqrt(d), no mask) -> [B, L, H*d]."""
     q, k = apply_rope(q, pe), apply_rope(k, pe)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).flatten(2)
 
 

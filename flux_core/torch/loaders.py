@@ -29,7 +29,9 @@ def load_transformer(family, ckpt, dtype: str, device: str):
 def load_qwen3(ckpt, dtype: str, device: str, max_layers: int | None = None):
     from .qwen3 import load_qwen3 as load
 
-    return load(ckpt, dtype=torch_dtype(dtype), device=device, max_layers=max_layers).eval()
+    model = load(ckpt, dtype=torch_dtype(dtype), device=device, max_layers=max_layers).eval()
+    # on CUDA every repeated encode (the 512-token klein shape above all) replays a CUDA graph: same kernels
+    return model.use_cuda_graphs() if str(device).startswith("cuda") else model
 
 
 def load_prequantized(kind: str, ckpt, dtype: str, device: str, max_layers: int | None = None):
@@ -56,11 +58,22 @@ def quantize_model(module, mode: str) -> int:
 
 def compile_blocks(module) -> str:
     """Regional torch.compile: every transformer block, not the whole model (compiles in seconds per block type,
-    and the per-step Python loop stays outside the graph)."""
+    and the per-step Python loop stays outside the graph). On CUDA the sampler then also replays each step from a
+    CUDA graph (runtime.make_denoiser; `FLUXCORE_CUDA_GRAPHS=0` turns that off)."""
     found = blocks(module)
     for b in found:
         b.compile()
-    return f"torch.compile on {len(found)} blocks (first generation compiles)"
+    module.fluxcore_cuda_graphs = True
+    return f"torch.compile on {len(found)} blocks (first generation compiles); CUDA-graphed steps on CUDA"
+
+
+def compile_vae(vae) -> str:
+    """Compile the VAE decoder (channels-last, torch.compile of the decoder's forward): the compiler fuses each
+    GroupNorm's statistics, normalisation and SiLU into one pass and the convolutions skip the NCHW<->NHWC copies.
+    First decode at a new size compiles (tens of seconds); tiled decodes call the decoder's parts and stay eager."""
+    vae.decoder.to(memory_format=torch.channels_last)
+    vae.decoder.compile()
+    return "torch.compile on the VAE decoder (channels-last; first decode at each size compiles)"
 
 
 def device_memory_gb(device: str) -> float:

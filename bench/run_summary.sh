@@ -1,0 +1,12 @@
+#!/bin/bash
+# One device call -> $OUT/summary.json (issue 12 schema), $OUT/parts.json (every measurement), $OUT/log.txt.
+# Expects the diffusers 0.42.1 wheel in .whl/ at the repo root (carried with the run; see docs/PERF.md).
+# Arguments go to bench/bench_summary.py (e.g. --parts klein_step,qwen3_vae --budget 420).
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+OUT=${OUT:-bench_out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv > "$OUT/smi.txt"
+cat "$OUT/smi.txt"
+set -o pipefail
+python3 bench/bench_summary.py --out "$OUT" "$@" 2>&1 | grep --line-buffered -v -E "UserWarning|warnings.warn" | tee "$OUT/log.txt"
