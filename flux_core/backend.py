@@ -53,11 +53,16 @@ def _torch_device(explicit: str | None) -> tuple[str, str]:
 
     if explicit:
         dev = explicit
+        kind, _, index = dev.partition(":")
+        if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+            raise ConfigError(f"--device {dev}: the torch backend runs on cpu, cuda, cuda:N or mps")
         if dev.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {dev} asked for CUDA, but torch {torch.__version__} sees no CUDA GPU "
                               "(a CPU-only torch build, or no driver). Use --device cpu, or install a CUDA build of torch.")
         if dev == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ConfigError("--device mps asked for Apple's Metal backend, which this torch cannot use.")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {dev}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
         return dev, f"torch on {dev} (your choice)"
     if torch.cuda.is_available():
         return "cuda", f"torch on CUDA ({torch.cuda.get_device_name(0)})"
@@ -170,12 +175,14 @@ def compile_vae(module, choice: Choice) -> str:
 
 def build_text_encoder(choice: Choice, ckpt, dtype: str, quantization: str, tokenizer):
     from .configs import Qwen3Config
-    from .text import TextEncoder, layers_needed
+    from .text import TextEncoder, check_depth, layers_needed
     from .weights.qwen3 import to_native
 
     # Both encodings together need layers up to num_layers-1 (Z-Image's hs[-2]); the last layer and the final norm
     # are never used, so they are not loaded (docs/MODELS.md §Q2).
-    n_layers = Qwen3Config.from_state_dict(to_native(ckpt.sd), ckpt.config).num_layers
+    cfg = Qwen3Config.from_state_dict(to_native(ckpt.sd), ckpt.config)
+    check_depth(cfg.num_layers, cfg.hidden_size, ckpt.source)
+    n_layers = cfg.num_layers
     if ckpt.metadata.get("fluxcore.prequantized"):
         model = impl(choice.backend).load_prequantized("qwen3", ckpt, dtype, choice.device,
                                                        max_layers=layers_needed("both", n_layers))

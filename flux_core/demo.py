@@ -36,6 +36,7 @@ FILES = {
     "flux1_vae": "vae/ae.safetensors",
     "tokenizer": "tokenizer",
 }
+STAMP = "fluxcore-demo.json"  # the recipe of the files in a folder; the same recipe is not written twice
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
@@ -105,6 +106,11 @@ def write_demo_checkpoints(folder: Path | str = DEFAULT_DIR, seed: int = 0) -> d
 
     root = Path(folder).expanduser()
     paths = {k: root / v for k, v in FILES.items()}
+    stamp = root / STAMP
+    recipe = json.dumps({"version": 1, "seed": seed, "qwen": QWEN, "klein": KLEIN, "zimage": ZIMAGE,
+                         "vae": VAE_COMMON}, sort_keys=True)
+    if stamp.is_file() and stamp.read_text() == recipe and all(p.exists() for p in paths.values()):
+        return paths  # already written by an earlier run with the same recipe
     write_byte_tokenizer(paths["tokenizer"])
     qwen = _random_state(_build(Qwen3Encoder, Qwen3Config(**QWEN)), seed)
     # ComfyUI's qwen_3_4b.safetensors uses HF names with the `model.` prefix (docs/MODELS.md §Q6).
@@ -120,25 +126,34 @@ def write_demo_checkpoints(folder: Path | str = DEFAULT_DIR, seed: int = 0) -> d
     save_safetensors(f2, paths["flux2_vae"], meta)
     f1 = _random_state(_build(Flux1VAE, VAEConfig(kind="flux1", z_channels=16, quant_conv=False, **VAE_COMMON)), seed + 4)
     save_safetensors(f1, paths["flux1_vae"], meta)
+    stamp.write_text(recipe)  # last: an interrupted write is redone next time
     return paths
 
 
 def add_demo_args(p) -> None:
-    p.add_argument("--model", choices=["klein", "zimage", "both"], default="both")
-    p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"where the tiny checkpoints go (default {DEFAULT_DIR})")
-    p.add_argument("--output-dir", default="out", help="where the PNGs go (default ./out)")
-    p.add_argument("--prompt", default="a lighthouse on a cliff at dawn")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto")
-    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--model", choices=["klein", "zimage", "both"], default="both",
+                   help="which pipeline to run (default: both)")
+    p.add_argument("--dir", default=str(DEFAULT_DIR),
+                   help=f"where the tiny checkpoints go; written once, reused later (default: {DEFAULT_DIR})")
+    p.add_argument("--output-dir", default="out", help="where the PNGs go (default: ./out)")
+    p.add_argument("--prompt", default="a lighthouse on a cliff at dawn",
+                   help="the prompt (default: a lighthouse on a cliff at dawn)")
+    p.add_argument("--seed", type=int, default=42, help="noise seed (default: 42)")
+    p.add_argument("--backend", choices=["auto", "mlx", "torch"], default="auto",
+                   help="auto = MLX on Apple Silicon with mlx installed, else torch (default: auto)")
+    p.add_argument("--verbose", "-v", action="store_true", help="log what was loaded and why (default: off)")
 
 
 def run_demo(args) -> list[Path]:
     from . import models, pipeline
-    from .outputs import save_pngs
+    from .outputs import check_output_path, save_images
 
-    paths = write_demo_checkpoints(args.dir)
     out = Path(args.output_dir)
+    check_output_path(out / "demo_klein.png", "--output-dir")
+    fresh = not (Path(args.dir).expanduser() / STAMP).is_file()
+    print(f"{'writing' if fresh else 'using'} the tiny random-weight checkpoints in {Path(args.dir).expanduser()}"
+          + (" (kept for later runs)" if fresh else ""))
+    paths = write_demo_checkpoints(args.dir)
     written = []
     jobs = {"klein": ("klein", "flux2_vae"), "zimage": ("zimage", "flux1_vae")}
     for name in (["klein", "zimage"] if args.model == "both" else [args.model]):
@@ -148,7 +163,9 @@ def run_demo(args) -> list[Path]:
         te = models.load_text_encoder(paths["text_encoder"], str(paths["tokenizer"]), backend=args.backend)
         vae = models.load_vae(paths[vae_key], backend=args.backend)
         gen = pipeline.generate(tr, te, vae, args.prompt, width=256, height=256, seed=args.seed)
-        written += save_pngs(gen.images, str(out / f"demo_{name}.png"), gen.params)
+        written += save_images(gen.images, out / f"demo_{name}.png", gen.params)
         print(f"{tr.variant.name}: {gen.params['steps']} steps at 256x256 on {tr.backend}:{tr.device} "
               f"in {time.perf_counter() - t0:.1f} s -> {written[-1]}")
+    print("The images are noise: the weights are random. The demo shows that every stage runs on files laid out as "
+          "the real downloads; see README 'Generating with real weights'.")
     return written

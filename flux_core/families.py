@@ -223,7 +223,7 @@ def read_is_distilled(source: str, metadata: dict | None = None, config: dict | 
         if mi.is_file():
             try:
                 data = json.loads(mi.read_text())
-            except (ValueError, OSError):
+            except (ValueError, OSError, RecursionError):  # damaged: the variant falls back to the user's choice
                 return None
             if not isinstance(data, dict):
                 return None

@@ -96,6 +96,9 @@ def cached_models() -> list[LoadedModel]:
 
 
 def _resolve(backend: str, device: str | None, dtype: str | None):
+    from .validate import check_device
+
+    check_device(backend, device)  # a typo must not cost a checkpoint read
     choice = backends.choose(backend, device)
     dt = backends.resolve_dtype(dtype, choice)
     return choice, dt

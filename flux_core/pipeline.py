@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from . import samplers, schedule
+from . import samplers, schedule, validate
 from .backend import impl
 from .errors import ConfigError
 from .families import MAX_SEED
@@ -72,7 +73,8 @@ class Conditioning:
 # 1. text
 
 def encode_prompt(text_encoder: LoadedModel, prompts, mode: str) -> Conditioning:
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = [prompts] if isinstance(prompts, str) or prompts is None else list(prompts)
+    prompts = [validate.check_prompt(p) for p in prompts]
     return Conditioning(mode, text_encoder.module.encode(prompts, mode), prompts)
 
 
@@ -90,9 +92,14 @@ def to_pil(image):
         if arr.shape[0] != 1:
             raise ConfigError("one reference image at a time (got a batch of %d)" % arr.shape[0])
         arr = arr[0]
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))) or min(arr.shape[:2]) < 1:
+        raise ConfigError(f"an image must be [H, W, 3] (RGB) or [H, W, 4] (RGBA), got shape {tuple(arr.shape)}; "
+                          "convert it to RGB first")
     if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    if arr.shape[-1] == 4:
+        arr = (np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 4:
         arr = arr[..., :3]
     return Image.fromarray(arr).convert("RGB")
 
@@ -155,12 +162,11 @@ def latent_size(model: LoadedModel, width: int, height: int) -> tuple[int, int, 
     return model.family.latent_shape(model.module.config, width, height)
 
 
-def check_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+def check_size(width: int, height: int, multiple: int, max_side: int = validate.MAX_SIDE) -> tuple[int, int]:
+    """Floored to `multiple` (as diffusers does); the floored size is what runs and what the metadata records."""
     if width is None or height is None:
         raise ConfigError("width and height are required")
-    if width < multiple or height < multiple:
-        raise ConfigError(f"width and height must be at least {multiple}, got {width}x{height}")
-    w2, h2 = (int(width) // multiple) * multiple, (int(height) // multiple) * multiple
+    w2, h2 = validate.check_size(width, height, multiple, max_side)
     if (w2, h2) != (width, height):
         log.warning("fluxcore: %dx%d is not a multiple of %d; using %dx%d (as diffusers does)",
                     width, height, multiple, w2, h2)
@@ -188,12 +194,18 @@ class Request:
 def prepare(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None = None, *,
             width: int | None = None, height: int | None = None, steps: int | None = None,
             guidance: float | None = None, batch_size: int | None = None, init_latent=None,
-            strength: float = 1.0) -> Request:
+            strength: float | None = None) -> Request:
     """The sampling rules, in one place: variant defaults for steps / guidance (None = default); the output size
     (None or 0 = the init latent's, else the first reference's, else 1024; floored to the family's multiple); the
     batch (an init latent sets it, a batch of one is repeated); the negative sees the positive's references; CFG
-    needs a negative; references and init images only where the family takes them."""
+    needs a negative; references and init images only where the family takes them. Every value is checked here
+    (validate.py) before any work: steps 1..MAX_STEPS, guidance finite >= 0, batch >= 1, strength in (0, 1] and only
+    with an init latent, sides within the model's position range."""
     variant, family = model.variant, model.family
+    steps, guidance = validate.check_steps(steps), validate.check_guidance(guidance)
+    strength = validate.check_strength(strength, init_latent is not None, init_name="an init image / latent")
+    if batch_size is not None:
+        validate.check_batch(batch_size)
     if cond.mode != variant.text_mode:
         raise ConfigError(f"the conditioning was encoded in {cond.mode} mode but the model is {variant.name}: set "
                           f"the text encoder's mode to {variant.text_mode}")
@@ -217,7 +229,9 @@ def prepare(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None 
         auto = family.image_size(cond.refs[0])  # diffusers: the output size defaults to the first reference's
     else:
         auto = (DEFAULT_SIZE, DEFAULT_SIZE)
-    width, height = check_size(width or auto[0], height or auto[1], family.size_multiple)
+    width, height = check_size(auto[0] if width is None else width, auto[1] if height is None else height,
+                               family.size_multiple,
+                               validate.size_limit(model.module.config, family))
     cond = cond.repeat(batch)
     use_cfg = family.uses_cfg(guidance, variant.distilled)
     if use_cfg and uncond is None:
@@ -227,7 +241,7 @@ def prepare(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None 
     if use_cfg:
         uncond = (uncond if uncond.refs else uncond.with_refs(cond.refs)).repeat(batch)
     return Request(cond, uncond if use_cfg else None, width, height, steps, guidance, batch, init_latent,
-                   float(strength) if init_latent is not None else 1.0)
+                   1.0 if strength is None else strength)
 
 
 @dataclass
@@ -246,7 +260,7 @@ class SampleResult:
 def sample(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None = None, *,
            width: int | None = None, height: int | None = None, steps: int | None = None,
            guidance: float | None = None, seed: int = 0, noise=None, batch_size: int | None = None,
-           init_latent=None, strength: float = 1.0, sampler: str = samplers.DEFAULT_SAMPLER,
+           init_latent=None, strength: float | None = None, sampler: str = samplers.DEFAULT_SAMPLER,
            callback: Callable | None = None, interrupt: Callable[[], bool] | None = None) -> SampleResult:
     """The denoising loop, shared by both families and both backends (after `prepare`'s rules).
 
@@ -320,18 +334,21 @@ class Generation:
 def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedModel, prompt: str, *,
              negative_prompt: str = "", width: int | None = None, height: int | None = None,
              steps: int | None = None, guidance: float | None = None, seed: int = 0, batch_size: int = 1,
-             references=(), init_image=None, strength: float = 1.0, noise=None,
+             references=(), init_image=None, strength: float | None = None, noise=None,
              sampler: str = samplers.DEFAULT_SAMPLER, callback=None, interrupt=None,
              release_text_encoder: bool | None = None, vae_tile="auto") -> Generation:
-    """The whole job. `release_text_encoder`: drop the text encoder from memory once the prompts are encoded
+    """The whole job. References and the init image may be paths or images; `strength` (0..1, default 1) only with
+    an init image. `release_text_encoder`: drop the text encoder from memory once the prompts are encoded
     (None = automatically on devices with less than 32 GB, as flux.c and mflux do). `vae_tile`: auto | off | pixels
-    for every VAE pass (references, init image, decode)."""
+    for every VAE pass (references, init image, decode). Every input is checked before the first model call."""
     from . import backend as backends
     from .models import release
 
     variant, family = transformer.variant, transformer.family
     samplers.check_sampler(sampler)
     check_pair(transformer, vae)
+    references, init_image = _check_inputs(transformer, prompt, negative_prompt, width, height, steps, guidance,
+                                           seed, batch_size, references, init_image, strength)
     if references and not family.references:
         raise ConfigError(f"reference images are not a {family.title} feature; for Z-Image use an init image (img2img)")
     if init_image is not None and not family.img2img:
@@ -367,9 +384,27 @@ def generate(transformer: LoadedModel, text_encoder: LoadedModel, vae: LoadedMod
     params = {"model": variant.name, "prompt": prompt, "negative_prompt": negative_prompt, "seed": res.seed,
               "steps": res.steps, "sampler": res.sampler, "guidance": res.guidance, "width": res.width,
               "height": res.height,
-              "references": len(references), "strength": strength if init_image is not None else None,
+              "references": len(references), "strength": None if init_image is None else (strength or 1.0),
               "backend": transformer.backend, "dtype": transformer.dtype}
     return Generation(images, res.latent, res.seed, params)
+
+
+def _check_inputs(transformer, prompt, negative_prompt, width, height, steps, guidance, seed, batch_size,
+                  references, init_image, strength):
+    """generate()'s inputs, all checked before the first model call; returns the opened images."""
+    family = transformer.family
+    validate.check_prompt(prompt), validate.check_prompt(negative_prompt, "negative_prompt")
+    validate.check_batch(batch_size), validate.check_seed(seed)
+    validate.check_steps(steps), validate.check_guidance(guidance)
+    validate.check_strength(strength, init_image is not None)
+    if width is not None or height is not None:
+        limit = validate.size_limit(transformer.module.config, family)
+        validate.check_size(limit if width is None else width, limit if height is None else height,
+                            family.size_multiple, limit)
+    refs = [validate.open_image(r, "reference" if isinstance(r, (str, os.PathLike)) else f"reference {i + 1}",
+                                validate.MIN_REFERENCE_SIDE) for i, r in enumerate(references)]
+    init = None if init_image is None else validate.open_image(init_image, "init image", family.size_multiple)
+    return refs, init
 
 
 def _lanczos():

@@ -17,7 +17,6 @@ Qwen2.5's and injects a default system prompt).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -65,6 +64,25 @@ def output_layers(mode: str, num_layers: int) -> tuple[int, ...]:
     raise ConfigError(f"unknown text mode {mode!r} ({' | '.join(MODES)})")
 
 
+# hidden width -> (model, decoder layers, the file users download); a file with fewer layers lost its end
+QWEN3_DEPTHS = {2560: ("Qwen3-4B", 36, "qwen_3_4b.safetensors"), 4096: ("Qwen3-8B", 36, "a Qwen3-8B text encoder")}
+
+
+def check_depth(num_layers: int, hidden_size: int, source) -> None:
+    """Refuse, at load time and naming the file, a Qwen3 checkpoint that lacks its last decoder layers (a cut-off
+    download or export): klein reads layer 27 and Z-Image layer num_layers - 1, so it cannot give the right features."""
+    name = Path(str(source)).name
+    known = QWEN3_DEPTHS.get(hidden_size)
+    if known and num_layers != known[1]:
+        raise ConfigError(f"text encoder {name} has {num_layers} decoder layers, but {known[0]} has {known[1]}: the "
+                          f"file is missing its last layers (a cut-off download or export). Re-download {known[2]}.")
+    if num_layers < KLEIN_LAYERS[-1]:
+        raise ConfigError(f"text encoder {name} has {num_layers} decoder layers, but FLUX.2 klein reads layer "
+                          f"{KLEIN_LAYERS[-1]} (Qwen3-4B and -8B have 36): the file is missing its last layers or is "
+                          "another model. Re-download qwen_3_4b.safetensors (klein 4B, Z-Image) or a Qwen3-8B text "
+                          "encoder (klein 9B).")
+
+
 def layers_needed(mode: str, num_layers: int) -> int:
     """How many decoder layers must be built/loaded for a mode: klein 27, Z-Image num_layers-1 (35 for Qwen3-4B)."""
     return max(output_layers(mode, num_layers))
@@ -84,7 +102,10 @@ class QwenTokenizer:
         self.folder = Path(folder)
         cfg = _read_json(self.folder / "tokenizer_config.json") or {}
         if (self.folder / "tokenizer.json").is_file():
-            self._tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            try:
+                self._tok = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            except Exception as e:  # the tokenizers library raises a bare Exception for a damaged file
+                raise _damaged(self.folder / "tokenizer.json", e) from None
         elif (self.folder / "vocab.json").is_file() and (self.folder / "merges.txt").is_file():
             self._tok = _build_bpe(self.folder, cfg)
         else:
@@ -96,6 +117,8 @@ class QwenTokenizer:
                               "tokenizer?")
         pad = cfg.get("pad_token") or (_read_json(self.folder / "added_tokens.json") or {}).get("pad_token")
         pad = pad.get("content") if isinstance(pad, dict) else pad
+        if pad is not None and not isinstance(pad, str):
+            raise _damaged(self.folder / "tokenizer_config.json", f"pad_token is {pad!r}, not a string")
         self.pad_id = self._tok.token_to_id(pad or "<|endoftext|>")
         if self.pad_id is None:
             raise ConfigError(f"tokenizer in {self.folder}: pad token {pad!r} is not in the vocabulary")
@@ -121,14 +144,23 @@ def _build_bpe(folder: Path, cfg: dict):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
-    vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    vocab = _read_json(folder / "vocab.json")  # ours first, so a damaged vocab is named apart from merges.txt
+    if not all(isinstance(i, int) for i in vocab.values()):
+        raise _damaged(folder / "vocab.json", "token ids must be whole numbers")
+    try:
+        vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise _damaged(folder / "merges.txt", e) from None
     added = _added_tokens(folder, cfg)
     if not added and len(vocab) == _QWEN_BASE_VOCAB:
         added = {t: (_QWEN_BASE_VOCAB + i, t.startswith("<|")) for i, t in enumerate(_QWEN_ADDED)}
     for content, (i, _special) in added.items():
         vocab.setdefault(content, i)  # put them in the model vocab first, so add_tokens keeps these exact ids
-    tok = Tokenizer(BPE(vocab, merges, dropout=None, unk_token=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    try:  # a merge of tokens that are not in vocab.json fails here
+        tok = Tokenizer(BPE(vocab, merges, dropout=None, unk_token=None, continuing_subword_prefix="",
+                            end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    except Exception as e:
+        raise _damaged(folder / "merges.txt", e) from None
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
@@ -148,24 +180,44 @@ def _added_tokens(folder: Path, cfg: dict) -> dict[str, tuple[int, bool]]:
     """content -> (id, special) from tokenizer_config.json and added_tokens.json (both formats seen in the wild:
     the HF `{content: id}` map and a `{"added_tokens": {id: {content, special}}}` table)."""
     out = {}
-    for i, e in (cfg.get("added_tokens_decoder") or {}).items():
-        out[e["content"]] = (int(i), bool(e.get("special", True)))
+    try:
+        for i, e in (cfg.get("added_tokens_decoder") or {}).items():
+            out[e["content"]] = (int(i), bool(e.get("special", True)))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise _damaged(folder / "tokenizer_config.json", f"added_tokens_decoder: {e!r}") from None
     data = _read_json(folder / "added_tokens.json") or {}
-    if isinstance(data.get("added_tokens"), dict):
-        for i, e in data["added_tokens"].items():
-            out.setdefault(e["content"], (int(i), bool(e.get("special", True))))
-    else:
-        for content, i in data.items():
-            if isinstance(i, int):
-                out.setdefault(content, (i, content.startswith("<|")))
+    try:
+        if isinstance(data.get("added_tokens"), dict):
+            for i, e in data["added_tokens"].items():
+                out.setdefault(e["content"], (int(i), bool(e.get("special", True))))
+        else:
+            for content, i in data.items():
+                if isinstance(i, int):
+                    out.setdefault(content, (i, content.startswith("<|")))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise _damaged(folder / "added_tokens.json", repr(e)) from None
     return out
 
 
 def _read_json(path: Path):
+    """A tokenizer JSON file as a dict (None when absent); anything else is a ConfigError naming the file."""
+    from .errors import WeightError
+    from .weights.meta import read_json
+
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        data = read_json(path, "tokenizer file")
+    except WeightError as e:  # it names the file and the fix already
+        raise ConfigError(str(e)) from None
+    if not isinstance(data, dict):
+        raise _damaged(path, f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _damaged(path: Path, why) -> ConfigError:
+    return ConfigError(f"tokenizer file {path} is damaged ({why}); re-download the tokenizer folder (or point "
+                       "--tokenizer / the loader's tokenizer input at a good one)")
 
 
 def is_tokenizer_dir(p: Path) -> bool:

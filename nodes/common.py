@@ -129,8 +129,13 @@ def check_latent_channels(samples, expected: int, what: str) -> None:
 
     if samples.ndim != 4 or samples.shape[1] != expected:
         got = tuple(samples.shape)
-        hint = {16: "a Z-Image / FLUX.1 latent", 128: "a FLUX.2 klein latent"}.get(got[1] if len(got) > 1 else 0,
-                                                                                  "another model's latent")
+        channels = got[1] if len(got) > 1 else 0
+        if channels not in (16, 128):  # not ours at all: an SD/SDXL (4-channel) or other model's empty latent
+            raise ConfigError(f"{what}: this LATENT has shape {got}, another model's latent (SD / SDXL 'Empty Latent "
+                              f"Image' makes 4 channels) but {expected} channels are needed. For a new image leave "
+                              "the latent input empty, or use EmptyFlux2LatentImage (klein) / EmptySD3LatentImage "
+                              "(Z-Image); for image-to-image use FluxCore VAE Encode.")
+        hint = {16: "a Z-Image / FLUX.1 latent", 128: "a FLUX.2 klein latent"}[channels]
         raise ConfigError(f"{what}: this LATENT has shape {got} ({hint}) but {expected} channels are needed. "
                           "Use the VAE and model of one family: klein with flux2-vae.safetensors, Z-Image with "
                           "ae.safetensors.")

@@ -58,7 +58,7 @@ class RectifiedFlowSampler:
             "negative": (CONDITIONING, {"tooltip": "Negative conditioning from Qwen3 Encode; used only with CFG."}),
             "latent": ("LATENT", {"tooltip": "Optional start latent for image-to-image (e.g. from VAE Encode); its "
                                              "size and batch replace width, height and batch size."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                   "tooltip": "With a latent input: how much to change it (1 = ignore the image, "
                                              "0.6 = keep its layout)."}),
             # last, so that workflows saved before it existed keep their positional widget values
@@ -67,15 +67,16 @@ class RectifiedFlowSampler:
 
     def sample(self, model, positive, seed, steps, guidance, width, height, batch_size, negative=None, latent=None,
                denoise=1.0, sampler=DEFAULT_SAMPLER, unique_id=None):
-        from flux_core import pipeline
+        from flux_core import pipeline, validate
 
         m = model.load()
         channels = m.module.config.in_channels
         init = None if latent is None else from_comfy_latent(latent, m.family.vae, channels, "sampler latent input")
         progress = host.Progress(m.variant.steps if steps == 0 else steps, node_id=unique_id, family=m.family)
+        strength = None if init is None else validate.check_strength(denoise, True, "denoise", "a latent input")
         res = pipeline.sample(m, positive, negative, width=width or None, height=height or None, steps=steps or None,
                               guidance=None if guidance < 0 else guidance, seed=int(seed), batch_size=batch_size,
-                              init_latent=init, strength=float(denoise), sampler=sampler, callback=progress.step,
+                              init_latent=init, strength=strength, sampler=sampler, callback=progress.step,
                               interrupt=host.check_interrupt)
         return ui(describe(m, badge(res, denoise if init is not None else None)),
                   (to_comfy_latent(res.latent, m.family.vae),))

@@ -61,10 +61,22 @@ class VAEEncode:
         from flux_core import pipeline
 
         v = vae.load()
-        x = crop_to_multiple(pixels[..., :3], v.module.downscale)                 # [B, H, W, 3]
+        x = crop_to_multiple(rgb(pixels), v.module.downscale)                     # [B, H, W, 3]
         z = pipeline.encode_image(v, x.permute(0, 3, 1, 2).contiguous().float().cpu().numpy(), tile)
         latent = to_comfy_latent(z, VAE_KINDS[v.module.kind])
         return ui(describe(v, f"{x.shape[2]}x{x.shape[1]}"), (latent,))
+
+
+def rgb(images):
+    """A native IMAGE [B,H,W,C] as RGB: alpha dropped, grey repeated; other channel counts are refused."""
+    from flux_core.errors import ConfigError
+
+    channels = int(images.shape[-1]) if images.ndim == 4 else 0
+    if channels not in (1, 3, 4):
+        raise ConfigError(f"VAE Encode needs an IMAGE [B, H, W, 3] (RGB; RGBA and greyscale are converted), got "
+                          f"shape {tuple(images.shape)} with {channels} channels: feed it from Load Image or convert "
+                          "the image to RGB")
+    return images.repeat(1, 1, 1, 3) if channels == 1 else images[..., :3]
 
 
 def crop_to_multiple(images, multiple: int):

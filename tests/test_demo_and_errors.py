@@ -26,15 +26,29 @@ def _load(demo, key="klein", vae="flux2_vae"):
 
 
 @pytest.mark.slow
-def test_demo_command_writes_both_images(demo, tmp_path):
+def test_demo_command_writes_both_images(demo, tmp_path, capsys):
     from flux_core.__main__ import main
 
-    assert main(["demo", "--dir", str(demo["tokenizer"].parent), "--output-dir", str(tmp_path)]) == 0
-    for name in ("klein", "zimage"):
+    root = demo["tokenizer"].parent
+    stamps = {k: p.stat().st_mtime_ns for k, p in demo.items() if p.is_file()}
+    assert main(["demo", "--dir", str(root), "--output-dir", str(tmp_path)]) == 0
+    for name, model in (("klein", "klein"), ("zimage", "zimage-turbo")):
         img = Image.open(tmp_path / f"demo_{name}.png")
         assert img.size == (256, 256)
-        assert json.loads(img.info["fluxcore"])["seed"] == 42
+        meta = json.loads(img.info["fluxcore"])
+        assert meta["seed"] == 42 and meta["model"] == model  # a real name, not a made-up size such as "klein-d64"
         assert np.asarray(img).std() > 1.0  # not a blank image
+    out = capsys.readouterr().out
+    assert f"using the tiny random-weight checkpoints in {root}" in out and "noise" in out and "random" in out
+    assert {k: p.stat().st_mtime_ns for k, p in demo.items() if p.is_file()} == stamps  # not rewritten
+
+
+def test_demo_checkpoints_are_written_once_per_recipe(tmp_path):
+    first = write_demo_checkpoints(tmp_path)
+    mtime = first["klein"].stat().st_mtime_ns
+    assert write_demo_checkpoints(tmp_path)["klein"].stat().st_mtime_ns == mtime
+    write_demo_checkpoints(tmp_path, seed=1)  # another recipe: rewritten
+    assert first["klein"].stat().st_mtime_ns != mtime
 
 
 def test_detection_from_files(demo):

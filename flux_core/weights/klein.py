@@ -138,5 +138,6 @@ def config_from_diffusers(config: Mapping) -> dict:
 
 
 def size_name(config) -> str:
-    """'4b' / '9b' from a KleinConfig's width (the published sizes), else 'd<width>' (test and custom models)."""
-    return {3072: "4b", 4096: "9b"}.get(config.hidden_size, f"d{config.hidden_size}")
+    """'4b' / '9b' from a KleinConfig's width (the published sizes); nothing for other widths (the tiny demo and test
+    models are plain 'klein': a made-up size such as 'd64' reads like a real model users should look for)."""
+    return {3072: "4b", 4096: "9b"}.get(config.hidden_size, "")
