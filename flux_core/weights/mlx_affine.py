@@ -48,13 +48,14 @@ def _files(p: Path) -> list[Path]:
 
 
 def is_mlx_quantized(path) -> bool:
-    """A file / folder whose tensors include MLX's `<name>.scales` + `<name>.biases` next to a uint32 weight."""
-    files = _files(Path(path))
-    if not files or files[0].suffix != ".safetensors":
-        return False
+    """A file / folder whose tensors include MLX's `<name>.scales` + `<name>.biases` next to a uint32 weight.
+    Anything unreadable is "no": the ordinary loader then reports the damage with its own message."""
     try:
+        files = _files(Path(path))
+        if not files or files[0].suffix != ".safetensors" or not files[0].is_file():
+            return False
         s = SafetensorsStream(files[0])
-    except WeightError:
+    except (WeightError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     return any(k.endswith(".scales") and k[: -len(".scales")] + ".biases" in s.entries
                and s.entries.get(k[: -len(".scales")] + ".weight", {}).get("dtype") == "U32" for k in s.keys())

@@ -61,14 +61,22 @@ def read(path) -> tuple[dict, dict, dict | None]:
     meta = stream.metadata
     if meta.get(KEY) != FORMAT:
         raise WeightError(f"{path} is not a FluxCore quantized file (no {KEY}={FORMAT} metadata)")
-    version = int(meta.get("fluxcore.format_version", "0"))
+    try:
+        version = int(meta.get("fluxcore.format_version", "0"))
+        layers = json.loads(meta.get("fluxcore.quantized", "[]"))
+        config = json.loads(meta["config"]) if meta.get("config") else None
+        group = int(meta.get("fluxcore.group_size", GROUP))
+        if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+            raise ValueError("fluxcore.quantized is not a list of layer names")
+    except (ValueError, TypeError) as e:
+        raise WeightError(f"{path}: damaged FluxCore quantized metadata ({e}); re-run `python -m flux_core "
+                          "quantize` on the full-precision file") from None
     if version > VERSION:
         raise WeightError(f"{path} is FluxCore quantized format version {version}; this flux_core reads up to "
                           f"{VERSION}: update flux_core (or re-run `python -m flux_core quantize` with this one).")
     mode = meta.get("fluxcore.quantization")
-    if mode not in MODES or int(meta.get("fluxcore.group_size", GROUP)) != GROUP:
+    if mode not in MODES or group != GROUP:
         raise WeightError(f"{path}: unsupported quantization {mode!r} / group size {meta.get('fluxcore.group_size')}")
-    layers = json.loads(meta.get("fluxcore.quantized", "[]"))
     qstate: QState = {}
     for layer in layers:
         w, s = layer + ".weight", layer + ".weight_scale"
@@ -80,5 +88,4 @@ def read(path) -> tuple[dict, dict, dict | None]:
     for k in stream.keys():
         if k not in qstate and not (k.endswith(".weight_scale") and k[: -len("_scale")] in qstate):
             qstate[k] = stream.lazy(k)
-    config = json.loads(meta["config"]) if meta.get("config") else None
     return qstate, meta, config

@@ -82,11 +82,21 @@ class SafetensorsStream:
                 if n > 100_000_000:
                     raise ValueError("header too large")
                 header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            meta = header.pop("__metadata__", None) or {}
+            if not isinstance(meta, dict):
+                raise ValueError("__metadata__ is not a JSON object")
+            self.metadata = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+            for k, e in header.items():
+                start, end = e["data_offsets"]
+                if e["dtype"] not in _ST_DTYPES or not all(isinstance(d, int) and d >= 0 for d in e["shape"]) \
+                        or not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+                    raise ValueError(f"bad entry for tensor {k!r}")
         except FileNotFoundError:
             raise WeightError(f"checkpoint not found: {self.path}") from None
-        except (ValueError, struct.error, UnicodeDecodeError) as e:
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, struct.error, UnicodeDecodeError) as e:
             raise WeightError(f"cannot read {self.path} as safetensors ({e}). Is the download complete?") from None
-        self.metadata = dict(header.pop("__metadata__", None) or {})
         self.entries = header
         self.base = 8 + n
 
