@@ -85,6 +85,9 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="VAE in overlapping tiles of PX pixels (auto: above 2 MP or when memory is short) (default: auto)")
     p.add_argument("--release-text-encoder", choices=["auto", "yes", "no"], default="auto",
                    help="free the text encoder after encoding (default: auto = on devices with less than 32 GB)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH]",
+                   help="a LoRA .safetensors merged into the transformer, strength 1.0 unless given "
+                        "(C:\\x.safetensors is a path); repeat for several (default: none)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print what was loaded and why, per-step timings, and the traceback of internal errors "
                         "(default: off)")
@@ -113,6 +116,11 @@ def check_args(args):
     for option, path in (("--model", args.model), ("--text-encoder", args.text_encoder), ("--vae", args.vae)):
         if path is not None and not Path(path).expanduser().exists():
             raise FluxCoreError(f"{option} {path} not found")
+    from .lora import parse_lora_arg
+
+    for text in args.lora:   # a missing LoRA fails here, not after the base model was read
+        if not Path(parse_lora_arg(text).path).expanduser().is_file():
+            raise FluxCoreError(f"--lora {text}: file not found (PATH or PATH:STRENGTH)")
     refs = [validate.open_image(r, "--reference", validate.MIN_REFERENCE_SIDE) for r in args.reference]
     init = validate.open_image(args.init_image, "--init-image", 16) if args.init_image else None
     return refs, init
@@ -140,8 +148,12 @@ def run_generate(args) -> list[Path]:
     backends.choose(args.backend, args.device)  # an unavailable device is refused before the weights are read
     t0 = time.perf_counter()
     tiling.parse_option(args.vae_tile)  # a bad value fails before any loading
+    from .lora import parse_lora_arg
+
+    loras = [parse_lora_arg(a) for a in args.lora]
     transformer = models.load_transformer(model_path, args.backend, args.device, args.dtype, args.quantization,
-                                          distilled=distilled, compile=args.compile, offload=args.offload)
+                                          distilled=distilled, compile=args.compile, offload=args.offload,
+                                          loras=loras)
     text_encoder = models.load_text_encoder(te_path, tok, args.backend, args.device, args.dtype, args.quantization,
                                             offload=args.offload)
     vae = models.load_vae(vae_path, args.backend, args.device, args.dtype, offload=args.offload, compile=args.compile)
@@ -167,6 +179,8 @@ def run_generate(args) -> list[Path]:
     log.info("generation took %.2f s", time.perf_counter() - t1)
     gen.params.update({"model_file": Path(model_path).name, "text_encoder_file": Path(te_path).name,
                        "vae_file": Path(vae_path).name})
+    if loras:
+        gen.params["loras"] = [{"file": Path(s.path).name, "strength": s.strength} for s in loras]
     from .outputs import save_images, save_latent
 
     if args.output_latent:  # first: a failure here must not leave images that look like a complete run

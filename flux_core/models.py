@@ -37,6 +37,17 @@ class LoadedModel:
     variant: Variant | None = None
     notes: list[str] = field(default_factory=list)  # why this backend / precision / variant was chosen
     offload: str = "none"     # none | model | blocks (what was decided from the asked-for mode)
+    loras: tuple = ()                                   # LoraSpecs merged when this handle is used (transformer)
+    lora_resolved: list = field(default_factory=list, repr=False)
+    lora_reports: list[str] = field(default_factory=list)
+    views: dict = field(default_factory=dict, repr=False)   # base model: its LoRA'd handles, by LoRA key
+
+    def activate(self) -> None:
+        """Make the (shared) module hold exactly this handle's LoRAs; a no-op when it already does."""
+        if self.kind == "transformer":
+            from .lora.runtime import activate
+
+            activate(self)
 
     @property
     def family(self) -> Family | None:
@@ -50,6 +61,7 @@ class LoadedModel:
             parts.append(f"offload {self.offload}")
         if self.variant:
             parts.append(self.variant.name)
+        parts += [f"LoRA {spec.describe()}" for spec in self.loras]
         return " | ".join(parts)
 
 
@@ -84,7 +96,8 @@ def release(model: LoadedModel | None = None) -> None:
         if model is None:
             _CACHE.clear()
         else:
-            for k in [k for k, v in _CACHE.items() if v is model]:
+            base = model.views.get("base", model)
+            for k in [k for k, v in _CACHE.items() if v is base]:
                 del _CACHE[k]
     gc.collect()
     backends.empty_cache()
@@ -128,11 +141,13 @@ def _offload(choice, module, mode: str, notes: list, spare: int = 0) -> None:
 
 def load_transformer(path, backend: str = "auto", device: str | None = None, dtype: str | None = None,
                      quantization: str = "none", distilled: bool | None = None, compile: bool = False,
-                     offload: str = "auto") -> LoadedModel:
+                     offload: str = "auto", loras=()) -> LoadedModel:
     """A klein or Z-Image transformer from a single file, a transformer/ folder or a diffusers pipeline folder.
     compile=True (torch): each transformer block is compiled with torch.compile on first use (regional compilation:
     one block per type compiles once, ~1.4x faster steps on CUDA; the first generation pays the compile).
-    offload: none | model | blocks | auto (CUDA: none when it fits in free memory, else blocks; elsewhere none)."""
+    offload: none | model | blocks | auto (CUDA: none when it fits in free memory, else blocks; elsewhere none).
+    loras=[(path, strength), ...]: merged into the weights (docs/LORA.md). The base checkpoint is cached once; each
+    LoRA list is a handle on the same module, re-merged when used, so strengths change without a reload."""
     choice, dt = _resolve(backend, device, dtype)
     backends.check_quantization(quantization, choice)
 
@@ -167,7 +182,36 @@ def load_transformer(path, backend: str = "auto", device: str | None = None, dty
                            variant, notes + pre_note, mode)
 
     key = _key("transformer", path, choice.backend + choice.device, dt, quantization, (distilled, compile, offload))
-    return _cached(key, build)
+    return with_loras(_cached(key, build), loras)
+
+
+def with_loras(model: LoadedModel, loras=()) -> LoadedModel:
+    """The handle of `model`'s base with exactly `loras` = [(path, strength) | path | LoraSpec, ...] merged, made
+    active now. Handles are cached on the base (keyed by file, modification time and strength), so they go when
+    the base is released or evicted; an unreadable or wrong-model LoRA raises before any weight changes."""
+    from dataclasses import replace
+
+    from .lora.spec import as_specs
+
+    base = model.views.get("base", model)
+    specs = as_specs(loras)
+    if not specs:
+        base.activate()
+        return base
+    vkey = tuple(s.key() for s in specs)
+    with _LOCK:
+        view = base.views.get(vkey)
+    if view is None:
+        from .lora.runtime import resolve_specs
+
+        resolved = resolve_specs(base, specs)
+        reports = [r.report.message() for r in resolved]
+        view = replace(base, loras=specs, lora_resolved=resolved, lora_reports=reports, notes=base.notes + reports,
+                       views={"base": base})
+        with _LOCK:
+            base.views[vkey] = view
+    view.activate()
+    return view
 
 
 def load_text_encoder(path, tokenizer: str | None = None, backend: str = "auto", device: str | None = None,

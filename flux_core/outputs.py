@@ -135,6 +135,7 @@ def a1111_text(p: dict) -> str:
     pairs = [("Steps", p.get("steps")), ("Sampler", p.get("sampler")), ("CFG scale", p.get("guidance")),
              ("Seed", p.get("seed")), ("Size", f"{p.get('width')}x{p.get('height')}"), ("Model", p.get("model")),
              ("Denoising strength", p.get("strength"))]
+    pairs += [("Lora", f"{x['file']}:{x['strength']:g}") for x in p.get("loras", ())]
     return text + "\n" + ", ".join(f"{k}: {v}" for k, v in pairs if v is not None)
 
 

@@ -269,6 +269,7 @@ def sample(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None =
     interrupt() is polled before every step and raises Interrupted. sampler: "euler" (what diffusers and the
     reference pipelines do) or "res_multistep" (ComfyUI's, as in its official Z-Image template); see samplers.py."""
     samplers.check_sampler(sampler)
+    model.activate()   # a LoRA'd handle shares its module with the base: merge this handle's LoRAs (no-op if held)
     req = prepare(model, cond, uncond, width=width, height=height, steps=steps, guidance=guidance,
                   batch_size=batch_size, init_latent=init_latent, strength=strength)
     family = model.family

@@ -3,7 +3,7 @@
 Ids are stable and prefixed `FluxCore`; a changed meaning gets a new id and the old one stays, marked DEPRECATED
 (docs/CONTRIBUTING.md §C7). Importing this package never needs ComfyUI (see host.py).
 """
-from . import conditioning, host, loaders, sampler, vae
+from . import conditioning, host, loaders, lora, sampler, vae
 
 NODE_CLASS_MAPPINGS = {
     "FluxCoreKleinModelLoader": loaders.KleinModelLoader,
@@ -15,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "FluxCoreSampler": sampler.RectifiedFlowSampler,
     "FluxCoreVAEDecode": vae.VAEDecode,
     "FluxCoreVAEEncode": vae.VAEEncode,
+    "FluxCoreLoraLoader": lora.LoraLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,6 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FluxCoreSampler": "FluxCore Rectified-Flow Sampler",
     "FluxCoreVAEDecode": "FluxCore VAE Decode",
     "FluxCoreVAEEncode": "FluxCore VAE Encode",
+    "FluxCoreLoraLoader": "FluxCore LoRA Loader",
 }
 
 if host.IN_COMFYUI:

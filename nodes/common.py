@@ -52,6 +52,7 @@ class ModelRef:
     variant: object = None             # flux_core.families.Variant (transformer)
     compile: bool = False              # transformer: regional torch.compile
     offload: str = "auto"              # as asked: auto | none | model | blocks
+    loras: tuple = ()                  # transformer: ((path, strength), ...) from LoRA Loader nodes, in order
 
     def load(self):
         """The model from the library's cache, then ComfyUI's memory management makes room and places it."""
@@ -63,7 +64,7 @@ class ModelRef:
         off = memory.resolve_offload(self.offload)
         if self.kind == "transformer":
             loaded = models.load_transformer(self.path, self.backend, None, self.dtype, self.quantization,
-                                             self.distilled, compile=self.compile, offload=off)
+                                             self.distilled, compile=self.compile, offload=off, loras=self.loras)
         elif self.kind == "text_encoder":
             loaded = models.load_text_encoder(self.path, self.tokenizer, self.backend, None, self.dtype,
                                               self.quantization, tokenizer_search=self.tokenizer_search, offload=off)

@@ -31,7 +31,7 @@ IN_COMFYUI = folder_paths is not None and model_management is not None
 
 # ComfyUI's folder names, with the legacy aliases it maps onto them (folder_paths.py:30-31, map_legacy)
 FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"),
-           "vae": ("vae",)}
+           "vae": ("vae",), "loras": ("loras",)}
 MODEL_EXTENSIONS = (".safetensors", ".sft")
 # GGUF files (ComfyUI-GGUF's downloads) sit in the same folders; ComfyUI's own lists filter them out by extension
 GGUF_FOLDERS = ("diffusion_models", "text_encoders")

@@ -44,10 +44,14 @@ def free_port() -> int:
 
 
 def prepare_base(base: Path) -> dict:
-    """The server's --base-directory: tiny models under the standard names, the pack linked into custom_nodes/."""
+    """The server's --base-directory: tiny models under the standard names (and tiny LoRAs under the names the LoRA
+    workflows pick), the pack linked into custom_nodes/."""
+    from lora_fixtures import write_demo_loras
+
     from flux_core.demo import write_demo_checkpoints
 
     paths = write_demo_checkpoints(base / "models")
+    write_demo_loras(paths)
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACK_NAME
     if not link.exists():

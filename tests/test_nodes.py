@@ -81,7 +81,7 @@ def test_pack_imports_without_comfyui():
         spec.loader.exec_module(pack)
     finally:
         del sys.modules[spec.name]
-    assert len(pack.NODE_CLASS_MAPPINGS) == 9
+    assert len(pack.NODE_CLASS_MAPPINGS) == 10
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
     web = ROOT / pack.WEB_DIRECTORY
     assert web.is_dir() and list(web.glob("*.js")), "WEB_DIRECTORY must hold the JS extension"

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = load_workflows(ROOT / "workflows")
 NAMES = sorted(WORKFLOWS)
 EXPECTED = {"fluxcore_klein_text_to_image", "fluxcore_klein_edit", "fluxcore_klein_multi_reference",
-            "fluxcore_klein_base_cfg", "fluxcore_zimage_turbo_text_to_image"}
+            "fluxcore_klein_base_cfg", "fluxcore_zimage_turbo_text_to_image", "fluxcore_klein_lora",
+            "fluxcore_zimage_lora"}
 STANDARD_FILES = {"flux-2-klein-4b.safetensors", "flux-2-klein-base-4b.safetensors", "qwen_3_4b.safetensors",
                   "flux2-vae.safetensors", "z_image_turbo_bf16.safetensors", "ae.safetensors"}
 
@@ -28,13 +29,16 @@ def info(tmp_path_factory):
     from flux_core.demo import write_demo_checkpoints
     from nodes import host
 
+    from lora_fixtures import write_demo_loras
+
     paths = write_demo_checkpoints(tmp_path_factory.mktemp("models"))
+    write_demo_loras(paths)   # tiny LoRAs under the names the LoRA workflows pick
     host.set_model_roots([paths["klein"].parents[1]])
     yield object_info(nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
     host.set_model_roots([])
 
 
-def test_the_five_workflows_ship_with_api_twins():
+def test_the_workflows_ship_with_api_twins():
     assert set(NAMES) == EXPECTED
     for name in NAMES:
         assert WORKFLOWS[name][1] is not None, f"workflows/api/{name}.json is missing"
@@ -57,7 +61,8 @@ def test_api_workflow_is_valid_and_twin_of_ui(name, info):
 # What the sampler shows on opening: the variant's real defaults, never the node's "auto" values (0 / -1).
 SHIPPED_SAMPLER = {"fluxcore_klein_text_to_image": (4, 1.0), "fluxcore_klein_edit": (4, 1.0),
                    "fluxcore_klein_multi_reference": (4, 1.0), "fluxcore_klein_base_cfg": (50, 4.0),
-                   "fluxcore_zimage_turbo_text_to_image": (8, 0.0)}
+                   "fluxcore_zimage_turbo_text_to_image": (8, 0.0), "fluxcore_klein_lora": (4, 1.0),
+                   "fluxcore_zimage_lora": (8, 0.0)}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -84,7 +89,8 @@ def test_opens_fitted_with_real_numbers(name, info):
 def test_loaders_name_standard_files_with_download_addresses(name, info):
     ui, _ = WORKFLOWS[name]
     models = [m for n in ui["nodes"] for m in n.get("properties", {}).get("models", [])]
-    loaders = [n for n in ui["nodes"] if n["type"].startswith("FluxCore") and n["type"].endswith("Loader")]
+    loaders = [n for n in ui["nodes"] if n["type"].startswith("FluxCore") and n["type"].endswith("Loader")
+               and n["type"] != "FluxCoreLoraLoader"]   # LoRAs are the user's own files: no download address
     assert len(loaders) == 3 and all(n.get("properties", {}).get("models") for n in loaders)
     assert {m["name"] for m in models} <= STANDARD_FILES
     for m in models:

@@ -202,6 +202,30 @@ def build(info: dict) -> dict[str, dict]:
     enc = encode(g, te, m, "a cozy reading nook by a rainy window, warm lamp light, photorealistic")
     finish(g, m, (enc, 0), None, vae, ZIMAGE_TURBO, "fluxcore_zimage", col(L, E))
     out["fluxcore_zimage_turbo_text_to_image"] = g.ui()
+
+    g = Graph(info)   # two chained LoRA Loader nodes: the encode and the sampler take the LoRA'd model
+    te, m, vae = loaders(g, "flux-2-klein-4b.safetensors", "flux2-vae.safetensors")
+    l1 = g.add("FluxCoreLoraLoader", (col(L), 250), {"lora_name": "klein_style_lora.safetensors", "strength": 0.8},
+               {"model": (m, 0)}, title="LoRA 1 (any klein-4B LoRA in models/loras)")
+    # each chained LoRA node one column further right: links run forward, never behind a node
+    l2 = g.add("FluxCoreLoraLoader", (col(L, L), 400), {"lora_name": "klein_detail_lora.safetensors",
+                                                        "strength": 0.5},
+               {"model": (l1, 0)}, title="LoRA 2 (chain as many as you like)")
+    enc = g.add("FluxCoreQwen3Encode", (col(L, L, L), 0), {"prompt": "a red fox sitting in fresh snow at sunrise, "
+                                                                     "in the LoRA's style"},
+                {"text_encoder": (te, 0), "model": (l2, 0)})
+    finish(g, l2, (enc, 0), None, vae, KLEIN, "fluxcore_klein_lora", col(L, L, L, E))
+    out["fluxcore_klein_lora"] = g.ui()
+
+    g = Graph(info)
+    te, m, vae = loaders(g, "z_image_turbo_bf16.safetensors", "ae.safetensors")
+    lz = g.add("FluxCoreLoraLoader", (col(L), 250), {"lora_name": "zimage_style_lora.safetensors", "strength": 1.0},
+               {"model": (m, 0)}, title="LoRA (any Z-Image LoRA in models/loras)")
+    enc = g.add("FluxCoreQwen3Encode", (col(L, L), 0), {"prompt": "a cozy reading nook by a rainy window, in the "
+                                                                  "LoRA's style"},
+                {"text_encoder": (te, 0), "model": (lz, 0)})
+    finish(g, lz, (enc, 0), None, vae, ZIMAGE_TURBO, "fluxcore_zimage_lora", col(L, L, E))
+    out["fluxcore_zimage_lora"] = g.ui()
     return out
 
 
@@ -209,6 +233,15 @@ def main() -> None:
     import nodes
     from comfy_harness import object_info, ui_to_api
 
+    from flux_core.demo import write_demo_checkpoints
+    from lora_fixtures import write_demo_loras
+    from nodes import host
+
+    import tempfile
+
+    paths = write_demo_checkpoints(Path(tempfile.mkdtemp()) / "models")   # so the combos list the picked files
+    write_demo_loras(paths)
+    host.set_model_roots([paths["klein"].parents[1]])
     info = object_info(nodes.NODE_CLASS_MAPPINGS, nodes.NODE_DISPLAY_NAME_MAPPINGS)
     folder = ROOT / "workflows"
     (folder / "api").mkdir(parents=True, exist_ok=True)

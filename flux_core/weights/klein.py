@@ -141,3 +141,26 @@ def size_name(config) -> str:
     """'4b' / '9b' from a KleinConfig's width (the published sizes); nothing for other widths (the tiny demo and test
     models are plain 'klein': a made-up size such as 'd64' reads like a real model users should look for)."""
     return {3072: "4b", 4096: "9b"}.get(config.hidden_size, "")
+
+
+# ------------------------------------------------------------------------------------------------ LoRA files
+# (flux_core/lora/names.py) Names that mark a LoRA module of this family, dotted or kohya-flattened, and the modules
+# whose input width is the model width (their A matrices tell a LoRA's model size).
+_SEP = "[._]"
+LORA_MODULES = re.compile(rf"(^|{_SEP})(double{_SEP}blocks|single{_SEP}blocks|transformer{_SEP}blocks|"
+                          rf"single{_SEP}transformer{_SEP}blocks){_SEP}\d+")
+LORA_WIDTH_MODULES = re.compile(rf"img{_SEP}attn{_SEP}qkv$|attn{_SEP}to{_SEP}q$|linear1$|to{_SEP}qkv{_SEP}mlp{_SEP}proj$")
+
+
+def model_width(shapes: Mapping) -> int | None:
+    """The hidden width of a loaded klein transformer from its parameter shapes (None: not this family)."""
+    w = shapes.get("double_stream_modulation_img.lin.weight")
+    return None if w is None else int(w[1])
+
+
+def describe_width(width: int | None) -> str:
+    """What a user calls the model of this width: FLUX.2 [klein] 4B / 9B; 6144 is FLUX.2 [dev]."""
+    if width == 6144:
+        return "FLUX.2 [dev]"
+    size = {3072: "4B", 4096: "9B"}.get(width)
+    return f"FLUX.2 [klein] {size}" if size else (f"FLUX.2 [klein] (hidden size {width})" if width else "FLUX.2 [klein]")

@@ -14,6 +14,7 @@ the same name in both. docs/MODELS.md §Z4 lists the real-size table.
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 from ..errors import WeightError
@@ -89,3 +90,21 @@ def to_diffusers(native_sd: Mapping) -> dict:
 def size_name(config) -> str:
     """Z-Image has one published size; variant names do not carry it."""
     return ""
+
+
+# ------------------------------------------------------------------------------------------------ LoRA files
+# (flux_core/lora/names.py) see the same block in weights/klein.py
+_SEP = "[._]"
+LORA_MODULES = re.compile(rf"(^|{_SEP})(layers|noise{_SEP}refiner|context{_SEP}refiner){_SEP}\d+{_SEP}"
+                          rf"(attention|feed{_SEP}forward|adaLN)")
+LORA_WIDTH_MODULES = re.compile(rf"attention{_SEP}(qkv|to{_SEP}q)$")
+
+
+def model_width(shapes: Mapping) -> int | None:
+    if "x_embedder.weight" not in shapes or not any(k.startswith("noise_refiner.") for k in shapes):
+        return None
+    return int(shapes["x_embedder.weight"][0])
+
+
+def describe_width(width: int | None) -> str:
+    return "Z-Image" if width in (3840, None) else f"Z-Image (width {width})"
