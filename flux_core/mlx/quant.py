@@ -33,6 +33,9 @@ GROUP = 64
 FP8_MAX = 448.0
 FP16_TINY, FP16_MAX = 2.0 ** -24, 65504.0
 MXFP8 = dict(bits=8, group_size=32, mode="mxfp8")
+# MLX's layout per mode (what a QuantizedLinear of that mode holds; mlx/lora.py re-quantizes merged weights with it)
+SETTINGS = {"int8": dict(bits=8, group_size=GROUP, mode="affine"), "int4": dict(bits=4, group_size=GROUP, mode="affine"),
+            "fp8": MXFP8}
 ZERO = {"int4": 8, "int8": 128}   # our symmetric code -> MLX's unsigned affine code
 
 
