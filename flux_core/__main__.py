@@ -10,6 +10,7 @@ Defaults (steps, guidance) come from the detected variant. The PNG carries the p
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import secrets
 import sys
@@ -198,14 +199,21 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="build tiny random-weight checkpoints in the real file layouts and run the "
                                        "whole pipeline on them (no download)")
     from .demo import add_demo_args
+    from .quantize import add_args as add_quantize_args
 
     add_demo_args(demo)
+    add_quantize_args(sub.add_parser("quantize", help="save a transformer / Qwen3 text encoder in FluxCore's "
+                                                      "quantized format (int8 | int4 | fp8)"))
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     try:
         if args.cmd == "generate":
             run_generate(args)
+        elif args.cmd == "quantize":
+            from .quantize import run as run_quantize
+
+            print(json.dumps(run_quantize(args)))
         else:
             from .demo import run_demo
 

@@ -157,6 +157,8 @@ def quantize(choice: Choice, module, quantization: str):
 
 
 def load_transformer(choice: Choice, family, ckpt, dtype: str, quantization: str):
+    if ckpt.metadata.get("fluxcore.prequantized"):  # GGUF / FluxCore quantized / MLX affine: stays quantized
+        return impl(choice.backend).load_prequantized(family.module, ckpt, dtype, choice.device)
     module = impl(choice.backend).load_transformer(family, ckpt, dtype, choice.device)
     return quantize(choice, module, quantization)
 
@@ -181,8 +183,12 @@ def build_text_encoder(choice: Choice, ckpt, dtype: str, quantization: str, toke
     cfg = Qwen3Config.from_state_dict(to_native(ckpt.sd), ckpt.config)
     check_depth(cfg.num_layers, cfg.hidden_size, ckpt.source)
     n_layers = cfg.num_layers
-    model = impl(choice.backend).load_qwen3(ckpt, dtype, choice.device, max_layers=layers_needed("both", n_layers))
-    quantize(choice, model, quantization)
+    if ckpt.metadata.get("fluxcore.prequantized"):
+        model = impl(choice.backend).load_prequantized("qwen3", ckpt, dtype, choice.device,
+                                                       max_layers=layers_needed("both", n_layers))
+    else:
+        model = impl(choice.backend).load_qwen3(ckpt, dtype, choice.device, max_layers=layers_needed("both", n_layers))
+        quantize(choice, model, quantization)
     # the prompt cache is shared across encoders: a file loaded at two precisions must not share entries
     return TextEncoder(model, tokenizer, source_id=f"{ckpt.source}|{choice.backend}|{dtype}|{quantization}")
 

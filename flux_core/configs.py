@@ -21,6 +21,8 @@ from .weights import qwen3 as qwen3_keys
 # The attribute names of the repeated-block containers in every model we build (klein: double/single blocks; Z-Image:
 # refiners and layers; Qwen3: layers). Regional compilation and weight quantization walk these.
 BLOCK_CONTAINERS = ("double_blocks", "single_blocks", "noise_refiner", "context_refiner", "layers")
+# int4 also quantizes these (klein's shared modulations; Z-Image's per-block adaLN_modulation is inside the blocks)
+MODULATION_CONTAINERS = ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation")
 
 
 def count_blocks(sd: Mapping, name: str, what: str) -> int:

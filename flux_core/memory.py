@@ -2,9 +2,10 @@
 
 The estimate reads only the safetensors headers (shapes and dtypes), before any tensor is materialised: each tensor
 costs numel x the compute dtype's bytes (files in fp8 or fp8-scaled are widened at load, so the file dtype does not
-matter), except the block Linear weights under load-time quantization (same rule as torch/quant.py: 2-D `.weight`
-inside the repeated blocks, no modulation): int8 / fp8 1 byte per weight + a float32 scale per output row, int4 half
-a byte + a float32 scale per 64 inputs. Offload `blocks` keeps everything outside the blocks plus two slots of the
+matter), except the Linear weights under load-time quantization (same rule as torch/quant.py: 2-D `.weight` inside
+the repeated blocks, no modulation except for int4, which also takes the modulation Linears): int8 / fp8 1 byte per
+weight + a float32 scale per output row, int4 half a byte + a float16 scale per 64 inputs. A FluxCore quantized file
+(weights/qfile.py) is charged its stored bytes for the quantized layers (their codes and scales stay as stored). Offload `blocks` keeps everything outside the blocks plus two slots of the
 largest block; `model` and `none` need the whole component while it runs. A working-memory allowance per component
 (activations at 1024², measured on the H200) is added.
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .configs import BLOCK_CONTAINERS
+from .configs import BLOCK_CONTAINERS, MODULATION_CONTAINERS
 from .errors import ConfigError
 
 GB = 1e9
@@ -34,10 +35,14 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 WORKING_BYTES = {"transformer": int(1.0 * GB), "text_encoder": int(0.4 * GB), "vae": int(1.0 * GB)}
 
 
+STORED_BYTES = {"I8": 1, "U8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F16": 2, "BF16": 2, "F32": 4, "U32": 4}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     dtype: str
     shape: tuple
+    stored: bool = False   # kept as stored on the device (a pre-quantized layer's codes / scales)
 
     @property
     def numel(self) -> int:
@@ -52,7 +57,12 @@ def read_header(path: str | Path) -> dict[str, TensorSpec]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    return {k: TensorSpec(v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    meta = header.get("__metadata__") or {}
+    kept = set()
+    if meta.get("fluxcore.format") == "fluxcore-quantized":
+        layers = json.loads(meta.get("fluxcore.quantized", "[]"))
+        kept = {f"{layer}.{part}" for layer in layers for part in ("weight", "weight_scale")}
+    return {k: TensorSpec(v["dtype"], tuple(v["shape"]), k in kept) for k, v in header.items() if k != "__metadata__"}
 
 
 def checkpoint_specs(path, component: str | None = None) -> dict[str, TensorSpec] | None:
@@ -77,8 +87,17 @@ def _quantized_bytes(spec: TensorSpec, mode: str, compute_bytes: int) -> int:
     if mode in ("int8", "fp8"):
         return out_f * in_f + out_f * 4
     if mode == "int4" and in_f % INT4_GROUP == 0:
-        return out_f * in_f // 2 + out_f * (in_f // INT4_GROUP) * 4
+        return out_f * in_f // 2 + out_f * (in_f // INT4_GROUP) * 2
     return spec.numel * compute_bytes
+
+
+def _quantized(key: str, spec: TensorSpec, mode: str, in_block: bool) -> bool:
+    """The load-time quantizer's selection (torch/quant.py containers_for / skipped), on checkpoint keys."""
+    if mode == "none" or not key.endswith(".weight") or len(spec.shape) != 2:
+        return False
+    if in_block:
+        return mode == "int4" or "modulation" not in key
+    return mode == "int4" and key.startswith(MODULATION_CONTAINERS)
 
 
 def weight_bytes(specs: dict[str, TensorSpec], dtype: str, quantization: str = "none",
@@ -88,13 +107,16 @@ def weight_bytes(specs: dict[str, TensorSpec], dtype: str, quantization: str = "
     base, blocks = 0, {}
     for key, spec in specs.items():
         m = BLOCK_RE.search(key)
+        if spec.stored:
+            size = spec.numel * STORED_BYTES[spec.dtype]
+        elif _quantized(key, spec, quantization, m is not None):
+            size = _quantized_bytes(spec, quantization, cb)
+        else:
+            size = spec.numel * cb
         if m is None:
-            base += spec.numel * cb
-            continue
-        quantize = (quantization != "none" and key.endswith(".weight") and len(spec.shape) == 2
-                    and "modulation" not in key)
-        size = _quantized_bytes(spec, quantization, cb) if quantize else spec.numel * cb
-        blocks[m.groups()] = blocks.get(m.groups(), 0) + size
+            base += size
+        else:
+            blocks[m.groups()] = blocks.get(m.groups(), 0) + size
     if offload == "blocks" and blocks:
         return base + 2 * max(blocks.values())
     return base + sum(blocks.values())

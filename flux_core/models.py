@@ -157,6 +157,7 @@ def load_transformer(path, backend: str = "auto", device: str | None = None, dty
             raise ConfigError(f"compile cannot be combined with offload {mode} (the weights move between the "
                               "compiled calls): turn compile off, or free memory for offload none")
         ckpt = load_checkpoint(path, component="transformer")
+        label, pre_note = _prequantized(ckpt, quantization)
         family = detect_family(ckpt.sd)
         flag = read_is_distilled(ckpt.source, ckpt.metadata, ckpt.config)
         notes = [choice.reason]
@@ -177,8 +178,8 @@ def load_transformer(path, backend: str = "auto", device: str | None = None, dty
         if compile:
             notes.append(backends.compile_blocks(module, choice))
         variant = family.variant(flag, module.config)
-        return LoadedModel("transformer", module, ckpt.source, choice.backend, choice.device, dt, quantization,
-                           variant, notes, mode)
+        return LoadedModel("transformer", module, ckpt.source, choice.backend, choice.device, dt, label,
+                           variant, notes + pre_note, mode)
 
     key = _key("transformer", path, choice.backend + choice.device, dt, quantization, (distilled, compile, offload))
     return with_loras(_cached(key, build), loras)
@@ -227,14 +228,28 @@ def load_text_encoder(path, tokenizer: str | None = None, backend: str = "auto",
     def build():
         mode, load_choice, why, spare = _placement(path, "text_encoder", choice, dt, quantization, offload)
         ckpt = load_checkpoint(path, component="text_encoder")
+        label, pre_note = _prequantized(ckpt, quantization)
         encoder = backends.build_text_encoder(load_choice, ckpt, dt, quantization, QwenTokenizer(tok_dir))
-        notes = [choice.reason, f"tokenizer: {tok_dir}", why]
+        notes = [choice.reason, f"tokenizer: {tok_dir}", why] + pre_note
         _offload(choice, encoder.model, mode, notes, spare)
-        return LoadedModel("text_encoder", encoder, ckpt.source, choice.backend, choice.device, dt, quantization,
+        return LoadedModel("text_encoder", encoder, ckpt.source, choice.backend, choice.device, dt, label,
                            None, notes, mode)
 
     key = _key("text_encoder", path, choice.backend + choice.device, dt, quantization, (str(tok_dir), offload))
     return _cached(key, build)
+
+
+def _prequantized(ckpt, quantization: str) -> tuple[str, list[str]]:
+    """(the quantization label, notes) of a checkpoint; a pre-quantized file refuses a second quantization."""
+    from .weights import prequant
+
+    if not ckpt.metadata.get("fluxcore.prequantized"):
+        return quantization, []
+    label = prequant.quantization_label(ckpt.metadata)
+    if quantization != "none":
+        raise ConfigError(f"{Path(ckpt.source).name} is already quantized ({prequant.describe(ckpt.metadata)}): "
+                          f"load it with quantization 'none' instead of {quantization!r}")
+    return label, [prequant.describe(ckpt.metadata)]
 
 
 def load_vae(path, backend: str = "auto", device: str | None = None, dtype: str | None = None,

@@ -28,7 +28,7 @@ BACKEND_TIP = ("auto: MLX on Apple Silicon when mlx is installed, else torch on 
                "mlx / torch: force one (an error says what is missing).")
 DTYPE_TIP = "auto: bfloat16 on GPUs and MLX, float32 on a CPU (where bf16 is slow). The badge shows the choice."
 QUANT_TIP = ("Quantize the weights at load time (none | int8 | int4 | fp8 where the backend supports it). "
-             "Files that are already fp8 load either way.")
+             "Files that are already fp8 load either way; pre-quantized files (.gguf, FluxCore quantized) need none.")
 OFFLOAD_TIP = ("CUDA: where the weights live between uses. auto: ComfyUI's memory management decides (the model "
                "moves to system RAM when ComfyUI needs the VRAM, and streams its blocks when it does not fit; "
                "blocks always under --lowvram). model: on the GPU only while it runs. blocks: transformer blocks "

@@ -33,6 +33,8 @@ IN_COMFYUI = folder_paths is not None and model_management is not None
 FOLDERS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"),
            "vae": ("vae",), "loras": ("loras",)}
 MODEL_EXTENSIONS = (".safetensors", ".sft")
+# GGUF files (ComfyUI-GGUF's downloads) sit in the same folders; ComfyUI's own lists filter them out by extension
+GGUF_FOLDERS = ("diffusion_models", "text_encoders")
 _ROOTS: list[Path] = []
 
 
@@ -47,16 +49,17 @@ def _fallback_roots() -> list[Path]:
 
 
 def list_models(folder: str) -> list[str]:
-    """File names (relative, subfolders included) a loader's combo offers."""
+    """File names (relative, subfolders included) a loader's combo offers; .gguf too for models / text encoders."""
+    exts = MODEL_EXTENSIONS + ((".gguf",) if folder in GGUF_FOLDERS else ())
     if folder_paths is not None:
-        return [f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(MODEL_EXTENSIONS)]
-    names = set()
-    for root in _fallback_roots():
-        for sub in FOLDERS[folder]:
-            base = root / sub
-            if base.is_dir():
-                names.update(p.relative_to(base).as_posix() for p in base.rglob("*")
-                             if p.is_file() and p.suffix.lower() in MODEL_EXTENSIONS)
+        names = {f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(exts)}
+        bases = [Path(p) for p in folder_paths.get_folder_paths(folder)]
+    else:
+        names, bases = set(), [root / sub for root in _fallback_roots() for sub in FOLDERS[folder]]
+    for base in bases:
+        if base.is_dir():
+            names.update(p.relative_to(base).as_posix() for p in base.rglob("*")
+                         if p.is_file() and p.suffix.lower() in exts)
     return sorted(names)
 
 

@@ -45,7 +45,8 @@ class _TransformerLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": (host.list_models("diffusion_models"),
-                           {"tooltip": f"The {cls.LABEL} file in models/diffusion_models/ (ComfyUI/BFL single file)."}),
+                           {"tooltip": f"The {cls.LABEL} file in models/diffusion_models/ (ComfyUI/BFL single file, a "
+                                       "ComfyUI-GGUF .gguf or a FluxCore quantized file)."}),
             "backend": (BACKEND_OPTIONS, {"default": "auto", "tooltip": BACKEND_TIP}),
             "dtype": (DTYPE_OPTIONS, {"default": "auto", "tooltip": DTYPE_TIP}),
             "quantization": (QUANT_OPTIONS, {"default": "none", "tooltip": QUANT_TIP}),
@@ -109,7 +110,7 @@ class TextEncoderLoader:
         return {"required": {
             "text_encoder": (host.list_models("text_encoders"),
                              {"tooltip": "The Qwen3 file in models/text_encoders/ (qwen_3_4b.safetensors for klein "
-                                         "4B and Z-Image)."}),
+                                         "4B and Z-Image; a llama.cpp .gguf or a FluxCore quantized file too)."}),
             "backend": (BACKEND_OPTIONS, {"default": "auto", "tooltip": BACKEND_TIP}),
             "dtype": (DTYPE_OPTIONS, {"default": "auto", "tooltip": DTYPE_TIP}),
             "quantization": (QUANT_OPTIONS, {"default": "none", "tooltip": QUANT_TIP}),

@@ -95,3 +95,14 @@ def test_resolve_offload():
             memory.resolve_offload("blocks", backend, device)
     with pytest.raises(ConfigError, match="none, model, blocks"):
         memory.resolve_offload("layers", "torch", "cuda")
+
+
+def test_estimate_of_a_saved_quantized_file_equals_loaded_bytes(demo, tmp_path):
+    """A FluxCore quantized file is charged its stored codes and scales, as the loader keeps them."""
+    from flux_core.torch import qload
+
+    for q in ("int8", "int4", "fp8"):
+        out = qload.quantize_file(_klein_path(demo), tmp_path / f"k-{q}.safetensors", q)["output"]
+        specs = memory.checkpoint_specs(out, "transformer")
+        model, _ = qload.load_file(out)
+        assert memory.weight_bytes(specs, "float32") == module_bytes(model), q

@@ -201,7 +201,9 @@ class Flux2Transformer(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.img_in.weight.dtype
+        from .quant import float_dtype
+
+        return float_dtype(self)  # not img_in.weight's: a pre-quantized file may hold it as uint32 codes
 
     def make_pe(self, img_ids, txt_ids) -> mx.array:
         """RoPE table for the joint [txt, img] sequence: float32 [B' or 1, T+N, head_dim/2, 2] (cos, sin), evaluated.

@@ -29,6 +29,13 @@ def load_qwen3(ckpt, dtype: str, device: str, max_layers: int | None = None):
     return load(ckpt, dtype, max_layers=max_layers)
 
 
+def load_prequantized(kind: str, ckpt, dtype: str, device: str, max_layers: int | None = None):
+    """A pre-quantized checkpoint (ckpt.sd is a QState): klein / zimage / qwen3, quantized layers kept as MLX's own."""
+    from .qload import load_qstate
+
+    return load_qstate(kind, ckpt.sd, ckpt.config, dtype, max_layers, f"{kind} ({ckpt.source})")
+
+
 def load_vae(ckpt, dtype: str, device: str):
     from .vae import load_vae as load
 

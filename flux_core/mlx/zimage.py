@@ -119,7 +119,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = [nn.Linear(FREQ_DIM, cfg.t_hidden), SiLU(), nn.Linear(cfg.t_hidden, cfg.adaln_dim)]
 
     def __call__(self, t):  # t [B] already scaled by t_scale
-        h = timestep_embedding(t, FREQ_DIM).astype(self.mlp[0].weight.dtype)
+        # the bias, not the weight: a pre-quantized file may hold this weight as uint32 codes
+        h = timestep_embedding(t, FREQ_DIM).astype(self.mlp[0].bias.dtype)
         for layer in self.mlp:
             h = layer(h)
         return h
@@ -180,7 +181,7 @@ class ZImageTransformer(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        return self.x_embedder.weight.dtype
+        return self.x_embedder.bias.dtype  # not .weight: it may be quantized codes (GGUF / MLX affine files)
 
     def __call__(self, x, t, cap_feats, rope_cache: ZImageRope | None = None):
         """x [B, C, H, W] latent; t [B] or scalar = 1 - sigma; cap_feats a list of [L_i, cap_dim] or [B, L, cap_dim].

@@ -195,7 +195,7 @@ class Flux2Transformer(nn.Module):
     def forward(self, img, img_ids, txt, txt_ids, timesteps, pe=None, guidance=None):
         """img [B, N, C] packed latent tokens (noise and reference tokens), txt [B, T, context_in_dim],
         *_ids [N, 4] / [B, N, 4] (t, h, w, l), timesteps [B] = sigma in [0, 1]. Returns [B, N, out_channels]."""
-        dtype = self.img_in.weight.dtype
+        dtype = _float_dtype(self)  # not img_in.weight's: a GGUF file may keep it quantized (uint8 blocks)
         B = img.shape[0]
         # 1. time embedding (sinusoid in float32, MLP in the model dtype) and the shared modulations
         t = torch.as_tensor(timesteps, device=img.device).reshape(-1).float().expand(B) * 1000
@@ -239,6 +239,11 @@ def load_klein(path_or_checkpoint, dtype=torch.float32, device="cpu") -> Flux2Tr
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    """The compute dtype: of the first parameter (quantized weights are buffers, never parameters)."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
 
 def _modulate(x, shift, scale, eps):
     return (1 + scale) * F.layer_norm(x, (x.shape[-1],), eps=eps) + shift

@@ -34,6 +34,14 @@ def load_qwen3(ckpt, dtype: str, device: str, max_layers: int | None = None):
     return model.use_cuda_graphs() if str(device).startswith("cuda") else model
 
 
+def load_prequantized(kind: str, ckpt, dtype: str, device: str, max_layers: int | None = None):
+    """A pre-quantized checkpoint (ckpt.sd is a QState): klein / zimage / qwen3 with its quantized layers kept."""
+    from .qload import load_qstate
+
+    return load_qstate(kind, ckpt.sd, ckpt.config, torch_dtype(dtype), device, max_layers,
+                       f"{kind} ({ckpt.source})")
+
+
 def load_vae(ckpt, dtype: str, device: str):
     from .vae import load_vae as load
 

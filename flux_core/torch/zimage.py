@@ -114,7 +114,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, cfg.t_hidden), nn.SiLU(), nn.Linear(cfg.t_hidden, cfg.adaln_dim))
 
     def forward(self, t):  # t [B] already scaled by t_scale
-        return self.mlp(timestep_embedding(t, FREQ_DIM).to(self.mlp[0].weight.dtype))
+        # the bias, not the weight: a GGUF file may keep this weight quantized (uint8 blocks, GGUFLinear)
+        return self.mlp(timestep_embedding(t, FREQ_DIM).to(self.mlp[0].bias.dtype))
 
 
 class FinalLayer(nn.Module):
@@ -177,7 +178,7 @@ class ZImageTransformer(nn.Module):
         cap_lens = [c.shape[0] for c in caps]
         rope = self.make_rope(cap_lens, H, W, device=x.device) if rope_cache is None else rope_cache
         rope.check(cap_lens, H, W)
-        dtype = self.x_embedder.weight.dtype
+        dtype = self.x_embedder.bias.dtype  # not .weight: it may be a quantized buffer (GGUF)
         # 1. timestep -> adaln [B, A]
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
         adaln = self.t_embedder(t * cfg.t_scale).to(dtype)

@@ -125,7 +125,15 @@ def _metadata_config(meta: dict, source) -> dict | None:
 
 
 def load_checkpoint(path: str | os.PathLike, component: str | None = None) -> Checkpoint:
-    """Load a .safetensors file, a component folder, or (with `component`) that subfolder of a pipeline folder."""
+    """Load a .safetensors file, a component folder, or (with `component`) that subfolder of a pipeline folder.
+
+    Pre-quantized checkpoints (FluxCore quantized files, .gguf, MLX affine folders; weights/prequant.py) come back
+    with a lazy `sd` (a QState: nothing read but headers) and metadata["fluxcore.prequantized"] set."""
+    from . import prequant
+
+    if prequant.detect(path, component):
+        qstate, meta, config, source = prequant.read(path, component)
+        return Checkpoint(qstate, config, meta, source)
     p = Path(path).expanduser()
     if p.is_dir() and component and (p / component).is_dir():
         p = p / component
@@ -161,6 +169,10 @@ def as_checkpoint(source, component: str | None = None) -> Checkpoint:
     if isinstance(source, (str, os.PathLike)):
         return load_checkpoint(source, component=component)
     raise ConfigError(f"expected a checkpoint path, a Checkpoint or a state dict, got {type(source).__name__}")
+
+
+def is_prequantized(ckpt: Checkpoint) -> bool:
+    return bool(ckpt.metadata.get("fluxcore.prequantized"))
 
 
 def save_safetensors(sd: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
