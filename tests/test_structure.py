@@ -90,15 +90,7 @@ def test_node_functions_stay_thin():
 
 
 # ---------------------------------------------------------------------------------- node and CLI: the same rules
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from flux_core.demo import write_demo_checkpoints
-    from nodes import host
-
-    paths = write_demo_checkpoints(tmp_path_factory.mktemp("models"))
-    host.set_model_roots([paths["klein"].parents[1]])
-    yield paths
-    host.set_model_roots([])
+from test_nodes import demo  # noqa: E402,F401  (the tiny checkpoints under a fake ComfyUI models folder)
 
 
 def _node(name, **kw):
