@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import WeightError
+from ..errors import ConfigError, WeightError
 from .qstate import Lazy, QWeight
 
 IMAGE_ARCHS = ("flux", "lumina2")
@@ -79,9 +79,18 @@ def _field(reader, name):
     return None if f is None else f.contents()
 
 
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ConfigError("reading .gguf files needs the `gguf` package, which is not installed in this Python: "
+                          "pip install gguf (inside ComfyUI: its python -m pip install gguf)") from None
+    return gguf
+
+
 def read(path) -> tuple[dict, dict, dict | None]:
     """A .gguf file -> (QState, metadata {'gguf.architecture', 'gguf.types'}, config.json-like dict or None)."""
-    import gguf
+    gguf = _gguf()
 
     try:
         reader = gguf.GGUFReader(str(path))
@@ -149,8 +158,9 @@ def _qwen3_config(reader, arch) -> dict | None:
 
 def dequantize_numpy(raw, qtype: str, shape: tuple):
     """float32 numpy weights from raw blocks with the `gguf` package's own reference dequantizer."""
-    import gguf
     import numpy as np
+
+    gguf = _gguf()
 
     out = gguf.quants.dequantize(np.ascontiguousarray(raw).reshape(shape[0], -1), gguf.GGMLQuantizationType[qtype])
     return np.ascontiguousarray(out, dtype=np.float32).reshape(shape)
