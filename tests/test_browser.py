@@ -98,7 +98,10 @@ def load(page, name: str) -> dict:
 
 
 def settle(page) -> None:
-    """Two animation frames: the frontend fits the view one frame after loading, then paints."""
+    """Two animation frames: the frontend fits the view one frame after loading, then paints. Toasts left over from an
+    earlier test in the same page (e.g. the size warning) are closed first: they float over the canvas for seconds
+    and are not part of how a workflow opens."""
+    page.evaluate("(document.querySelectorAll('.p-toast-message').forEach(e => e.remove()), true)")
     page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r(true))))")
     page.evaluate("(app.canvas.setDirty(true, true), app.canvas.draw(true, true), true)")
 
