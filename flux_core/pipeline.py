@@ -196,7 +196,7 @@ def prepare(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None 
             guidance: float | None = None, batch_size: int | None = None, init_latent=None,
             strength: float | None = None) -> Request:
     """The sampling rules, in one place: variant defaults for steps / guidance (None = default); the output size
-    (None or 0 = the init latent's, else the first reference's, else 1024; floored to the family's multiple); the
+    (None = the init latent's, else the first reference's, else 1024; floored to the family's multiple); the
     batch (an init latent sets it, a batch of one is repeated); the negative sees the positive's references; CFG
     needs a negative; references and init images only where the family takes them. Every value is checked here
     (validate.py) before any work: steps 1..MAX_STEPS, guidance finite >= 0, batch >= 1, strength in (0, 1] and only
