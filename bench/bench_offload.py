@@ -161,6 +161,15 @@ def bench_steps(res: dict) -> None:
     reset_peak()
 
 
+def denoise(net, img, img_ids, txt, txt_ids, h: int, w: int):
+    """Four transformer steps (the sampler's work without its arithmetic) -> the latent grid [1, C, h, w] float32."""
+    pe = net.make_pe(img_ids, txt_ids)
+    x = img
+    for s in range(4):
+        x = net(x, img_ids, txt, txt_ids, torch.tensor([1 - s / 4], device=DEV), pe=pe)
+    return x.float().permute(0, 2, 1).reshape(1, -1, h, w)
+
+
 def bench_pipeline(res: dict) -> None:
     """Encode -> 4 steps -> decode with every component offloaded, peak over the whole run."""
     qcfg = Qwen3Config(**QWEN) if A.tiny else Qwen3Config()
@@ -181,12 +190,8 @@ def bench_pipeline(res: dict) -> None:
             hs = te(ids, torch.ones_like(ids), output_layers=(9, 18, 27))
             txt = torch.cat(hs, -1).to(DT)
             stages["encode"] = peak()
-            pe = net.make_pe(img_ids, txt_ids)
-            x = img
-            for s in range(4):
-                x = net(x, img_ids, txt, txt_ids, torch.tensor([1 - s / 4], device=DEV), pe=pe)
+            lat = denoise(net, img, img_ids, txt, txt_ids, h, w)
             stages["denoise"] = peak()
-            lat = x.float().permute(0, 2, 1).reshape(1, -1, h, w)
             out = vae.decode(lat, tile=tile)
             stages["decode"] = peak()
         sync()
@@ -231,19 +236,15 @@ def bench_quant_pipeline(res: dict) -> None:
             quantize_model(net, mode)
             vae = build(Flux2VAE, vcfg, 2)
             reset_peak()
-            pe = net.make_pe(img_ids, txt_ids)
-            x = img
-            for s in range(4):
-                x = net(x, img_ids, txt, txt_ids, torch.tensor([1 - s / 4], device=DEV), pe=pe)
+            lat = denoise(net, img, img_ids, txt, txt_ids, h, w)
             stages["denoise"] = peak()
-            lat = x.float().permute(0, 2, 1).reshape(1, -1, h, w)
             reset_peak()
             vae.decode(lat, tile=TILE)
             stages["decode"] = peak()
         rows[mode] = {"text_encoder_weights_gb": te_gb, "transformer_weights_gb": module_bytes(net) / GB,
                       "stages": stages, "peak": max((v for v in stages.values()), key=lambda v: v["allocated"])}
         print(f"quant pipeline {mode}: {rows[mode]}", flush=True)
-        del net, vae, txt, x, lat
+        del net, vae, txt, lat
         reset_peak()
     res["quant_pipeline"] = rows
 

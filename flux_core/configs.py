@@ -135,6 +135,7 @@ REAL_AXES = (32, 48, 48)  # Z-Image-Turbo RoPE split of head_dim 128; other head
 
 _Z = "Z-Image transformer"
 
+
 @dataclass
 class ZImageConfig:
     dim: int = 3840
