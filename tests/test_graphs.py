@@ -6,6 +6,7 @@ is exercised on the GPU by bench/bench_summary.py (which prints graphed-vs-plain
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from flux_core.families import FAMILIES
@@ -108,3 +109,39 @@ def test_klein_rope_table_built_once_per_layout():
     assert len(built) == 1 and not torch.equal(first[0], again[0])
     _velocity(model, Conditioning("klein", emb, ["p"]), 6, 4, False)  # a new size: a new table
     assert len(built) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["klein", "zimage"])
+def test_compiled_blocks_compute_the_eager_function(family):
+    """compile_blocks takes the compiled branch of norm_rope (the q / k RMSNorm + RoPE written as one row-wise
+    expression for inductor): on the CPU in float32 it must give the eager velocity to round-off, with a reference
+    image for klein (its rows get their own RoPE rows) and a padded caption for Z-Image."""
+    from flux_core.torch.loaders import compile_blocks
+
+    if family == "klein":
+        from refs import klein as rk
+
+        from flux_core.torch.klein import load_klein
+        from flux_core.weights.klein import to_native
+
+        net = load_klein(to_native(rk.build_reference(seed=0).state_dict()))
+        emb = torch.randn(1, 512, net.config.context_in_dim, generator=torch.Generator().manual_seed(1))
+        ref_lat = torch.randn(1, net.config.in_channels, 2, 2, generator=torch.Generator().manual_seed(2))
+        cond, h, w = Conditioning("klein", emb, ["p"], [ref_lat]), 4, 4
+    else:
+        from refs import zimage as rz
+
+        from flux_core.torch.zimage import load_zimage
+        from flux_core.weights.io import Checkpoint
+        from flux_core.weights.zimage import to_native
+
+        net = load_zimage(Checkpoint(to_native(rz.build_reference(seed=1).state_dict())))
+        caps = [torch.randn(7, net.config.cap_feat_dim, generator=torch.Generator().manual_seed(1))]
+        cond, h, w = Conditioning("zimage", caps, ["p"]), 8, 8
+    model = _loaded(family, net)
+    plain = _velocity(model, cond, h, w, False)
+    compile_blocks(net)
+    fast = _velocity(model, cond, h, w, False)
+    for a, b in zip(fast, plain):
+        assert float((a - b).norm() / b.norm()) <= 1e-5

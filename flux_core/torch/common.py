@@ -42,6 +42,16 @@ def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def rotate_pairs(x, cos, sin):
+    """RoPE on interleaved pairs (x[2j], x[2j+1]) written as one expression over the last dim, for compiled code:
+    x * C + swap(x) * S with C = (cos_j, cos_j) and S = (-sin_j, +sin_j) per pair, swap exchanging each pair's two
+    values. Same products and sums as (x0 cos - x1 sin, x1 cos + x0 sin); in this form inductor fuses it with a
+    preceding per-row norm. x float [..., d]; cos, sin [..., d/2], broadcastable to x's leading dims."""
+    c = cos.unsqueeze(-1).expand(*cos.shape, 2).flatten(-2)
+    s = torch.stack([-sin, sin], dim=-1).flatten(-2)
+    return x * c + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * s
+
+
 def blocks(module) -> list:
     """The repeated transformer blocks of a klein / Z-Image transformer or a Qwen3 encoder, in forward order
     within each container (what regional compilation and weight quantization walk over)."""

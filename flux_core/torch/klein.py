@@ -36,7 +36,7 @@ from torch import nn
 from ..configs import KleinConfig, klein_position_ids, klein_text_ids
 from ..weights import klein as klein_keys
 from ..weights.io import as_checkpoint
-from .common import load_into_torch, sdpa, timestep_embedding
+from .common import load_into_torch, rotate_pairs, sdpa, timestep_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,10 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(cfg.head_dim, cfg.eps)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def qkv_heads(self, x):
-        """[B, L, D] -> q, k, v each [B, L, H, d], q and k normed."""
+    def qkv_heads(self, x, pe):
+        """[B, L, D] -> q, k, v each [B, L, H, d], q and k normed and rotated (pe: this stream's rows)."""
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
-        return self.norm.query_norm(q), self.norm.key_norm(k), v
+        return norm_rope(q, self.norm.query_norm, pe), norm_rope(k, self.norm.key_norm, pe), v
 
 
 def _mlp(cfg: KleinConfig) -> nn.Sequential:
@@ -124,9 +124,10 @@ class DoubleStreamBlock(nn.Module):
         """img [B, N, D], txt [B, T, D]; mod_* = 6 chunks [B, 1, D]; pe [B', T+N, d/2, 2]."""
         i_shift, i_scale, i_gate, i_shift2, i_scale2, i_gate2 = mod_img
         t_shift, t_scale, t_gate, t_shift2, t_scale2, t_gate2 = mod_txt
-        iq, ik, iv = self.img_attn.qkv_heads(_modulate(img, i_shift, i_scale, self.eps))
-        tq, tk, tv = self.txt_attn.qkv_heads(_modulate(txt, t_shift, t_scale, self.eps))
-        attn = attention(torch.cat([tq, iq], 1), torch.cat([tk, ik], 1), torch.cat([tv, iv], 1), pe)
+        n_txt = txt.shape[1]   # RoPE is per token: each stream is rotated with its own rows of the joint table
+        iq, ik, iv = self.img_attn.qkv_heads(_modulate(img, i_shift, i_scale, self.eps), pe[:, n_txt:])
+        tq, tk, tv = self.txt_attn.qkv_heads(_modulate(txt, t_shift, t_scale, self.eps), pe[:, :n_txt])
+        attn = attention(torch.cat([tq, iq], 1), torch.cat([tk, ik], 1), torch.cat([tv, iv], 1))
         txt_a, img_a = attn.split([txt.shape[1], img.shape[1]], dim=1)
 
         img = img + i_gate * self.img_attn.proj(img_a)
@@ -153,7 +154,7 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = mod
         qkv, mlp = self.linear1(_modulate(x, shift, scale, self.eps)).split(self.split, dim=-1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
-        attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe)
+        attn = attention(norm_rope(q, self.norm.query_norm, pe), norm_rope(k, self.norm.key_norm, pe), v)
         return x + gate * self.linear2(torch.cat([attn, self.mlp_act(mlp)], dim=-1))
 
 
@@ -251,11 +252,22 @@ def _modulate(x, shift, scale, eps):
 
 
 
-def attention(q, k, v, pe):
-    """q, k, v [B, L, H, d] -> RoPE on q, k -> SDPA (scale 1/sqrt(d), no mask) -> [B, L, H*d]."""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
+def attention(q, k, v):
+    """q, k, v [B, L, H, d] (q, k already rotated) -> SDPA (scale 1/sqrt(d), no mask) -> [B, L, H*d]."""
     out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).flatten(2)
+
+
+def norm_rope(x, norm: RMSNorm, pe):
+    """Per-head RMSNorm, then RoPE. Eager: torch's rms_norm kernel, then the pair rotation (bit-equal to diffusers).
+    Inside compiled code the same arithmetic is written as one row-wise expression (statistics in float32, the
+    normed value rounded to the dtype as eager rounds it, then x*C + swap(x)*S): inductor then emits one kernel
+    per tensor where the rms_norm + stack form gave three (q norm, k norm, rotation; H200, torch 2.11)."""
+    if not torch.compiler.is_compiling():
+        return apply_rope(norm(x), pe)
+    xf = x.float()
+    xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.scale.float()).to(x.dtype)
+    return rotate_pairs(xn.float(), pe[:, :, None, :, 0], pe[:, :, None, :, 1]).to(x.dtype)
 
 
 def apply_rope(x, pe):
