@@ -74,8 +74,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-latent", metavar="FILE",
                    help="also save the final latent (.safetensors, key 'latent', native layout) (default: none)")
     p.add_argument("--compile", action="store_true",
-                   help="torch: compile the transformer blocks and the VAE decoder (faster steps and decode on CUDA "
-                        "after a one-off compile) (default: off)")
+                   help="torch: compile the transformer blocks, the Qwen3 layers and the VAE decoder (faster steps, "
+                        "encodes and decodes on CUDA after a one-off compile) (default: off)")
     p.add_argument("--offload", choices=["auto", "none", "model", "blocks"], default="auto",
                    help="CUDA: keep weights in host memory and copy them in when used: model = whole components "
                         "between stages, blocks = transformer / text-encoder blocks streamed while the previous "
@@ -155,7 +155,7 @@ def run_generate(args) -> list[Path]:
                                           distilled=distilled, compile=args.compile, offload=args.offload,
                                           loras=loras)
     text_encoder = models.load_text_encoder(te_path, tok, args.backend, args.device, args.dtype, args.quantization,
-                                            offload=args.offload)
+                                            offload=args.offload, compile=args.compile)
     vae = models.load_vae(vae_path, args.backend, args.device, args.dtype, offload=args.offload, compile=args.compile)
     for m in (transformer, text_encoder, vae):
         log.info("loaded %s (%s)", m.describe(), "; ".join(m.notes))

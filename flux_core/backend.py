@@ -168,6 +168,11 @@ def compile_blocks(module, choice: Choice) -> str:
     return impl(choice.backend).compile_blocks(module)
 
 
+def compile_text_encoder(module, choice: Choice) -> str:
+    """The Qwen3 decoder layers compiled where the backend has it (torch)."""
+    return impl(choice.backend).compile_text_encoder(module)
+
+
 def compile_vae(module, choice: Choice) -> str:
     """The VAE decoder compiled where the backend has it (torch: channels-last + torch.compile)."""
     return impl(choice.backend).compile_vae(module)

@@ -50,7 +50,7 @@ class ModelRef:
     tokenizer_search: tuple = ()
     family: str | None = None          # transformer: the family's name (klein | zimage); vae: its kind (flux2 | flux1)
     variant: object = None             # flux_core.families.Variant (transformer)
-    compile: bool = False              # transformer: regional torch.compile
+    compile: bool = False              # transformer, text encoder: regional torch.compile
     offload: str = "auto"              # as asked: auto | none | model | blocks
     loras: tuple = ()                  # transformer: ((path, strength), ...) from LoRA Loader nodes, in order
 
@@ -67,7 +67,8 @@ class ModelRef:
                                              self.distilled, compile=self.compile, offload=off, loras=self.loras)
         elif self.kind == "text_encoder":
             loaded = models.load_text_encoder(self.path, self.tokenizer, self.backend, None, self.dtype,
-                                              self.quantization, tokenizer_search=self.tokenizer_search, offload=off)
+                                              self.quantization, tokenizer_search=self.tokenizer_search, offload=off,
+                                              compile=self.compile)
         else:
             loaded = models.load_vae(self.path, self.backend, None, self.dtype, offload=off)
         memory.use(loaded, fc_memory.WORKING_BYTES[self.kind])

@@ -16,6 +16,8 @@ from .common import (BACKEND_OPTIONS, BACKEND_TIP, CATEGORY, DTYPE_OPTIONS, DTYP
 
 _CATEGORY = CATEGORY + "/loaders"
 LOADER_NODES = {"klein": "FluxCore klein Model Loader", "zimage": "FluxCore Z-Image Model Loader"}  # by family
+TE_COMPILE_TIP = ("torch on a CUDA GPU: compile each Qwen3 layer with torch.compile (the first encode takes ~15 s "
+                  "longer, then an encode is ~1.5x faster). Not with offload.")
 COMPILE_TIP = ("torch: compile each transformer block with torch.compile. On a CUDA GPU the first run takes ~15 s "
                "longer, then every step is ~1.3-1.5x faster. MLX always compiles its step; on a CPU compiling is slow.")
 
@@ -120,12 +122,13 @@ class TextEncoderLoader:
                                      "tooltip": "Optional folder with the Qwen tokenizer (tokenizer.json, or "
                                                 "vocab.json + merges.txt). Empty: look next to the weights, then in "
                                                 "ComfyUI's bundled qwen25_tokenizer."}),
+            "compile": ("BOOLEAN", {"default": False, "tooltip": TE_COMPILE_TIP}),
         }}
 
-    def load(self, text_encoder, backend, dtype, quantization, offload="auto", tokenizer=""):
+    def load(self, text_encoder, backend, dtype, quantization, offload="auto", tokenizer="", compile=False):
         path = host.model_path("text_encoders", text_encoder)
         ref = ModelRef("text_encoder", path, backend, dtype, quantization, None, (tokenizer or "").strip() or None,
-                       host.tokenizer_dirs(), offload=offload)
+                       host.tokenizer_dirs(), compile=bool(compile), offload=offload)
         loaded = _load(ref)
         payload = describe(loaded)
         return ui(payload, (ref,))

@@ -239,3 +239,26 @@ def test_find_tokenizer_error_lists_every_place(tmp_path, monkeypatch):
                   tmp_path / "comfy_tok", tmp_path / "env_missing"):
         assert str(place) in msg
     assert "--tokenizer PATH" in msg and "FLUXCORE_TOKENIZER" in msg
+
+
+@pytest.mark.slow
+def test_load_text_encoder_compile_is_the_same_function(encoder, hf_model, tmp_path):
+    """compile=True compiles each Qwen3 layer (torch.compile; on CUDA under the CUDA-graph replay) and is a separate
+    cache entry; on the CPU the compiled layers give the plain encoder's embeddings to float32 round-off."""
+    root = R.save_tiny_qwen3(tmp_path, "diffusers", hf_model)
+    R.write_tiny_tokenizer(root / "tokenizer")
+    from flux_core import models
+
+    kw = dict(backend="torch", device="cpu", dtype="float32")
+    plain = models.load_text_encoder(root / "text_encoder", **kw)
+    fast = models.load_text_encoder(root / "text_encoder", compile=True, **kw)
+    assert fast is not plain and any("torch.compile on" in n and "Qwen3 layers" in n for n in fast.notes)
+    layers = fast.module.model.layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert all(layer._compiled_call_impl is None for layer in plain.module.model.layers)
+    from flux_core.text import clear_embedding_cache
+
+    want = plain.module.encode_klein(PROMPTS[:1])
+    clear_embedding_cache()  # both share a source id: without this the second encode is a cache hit
+    calls = count_forwards(fast.module)
+    assert rel_err(fast.module.encode_klein(PROMPTS[:1]), want) <= 1e-5 and calls

@@ -54,6 +54,10 @@ def compile_blocks(module) -> str:
     return "compile: MLX always compiles its step (mlx/runtime.py)"
 
 
+def compile_text_encoder(model) -> str:
+    return "compile: the MLX text encoder runs uncompiled (one call per prompt)"
+
+
 def compile_vae(vae) -> str:
     return "compile: the MLX VAE runs eagerly (not compiled)"
 

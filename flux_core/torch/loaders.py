@@ -67,6 +67,16 @@ def compile_blocks(module) -> str:
     return f"torch.compile on {len(found)} blocks (first generation compiles); CUDA-graphed steps on CUDA"
 
 
+def compile_text_encoder(model) -> str:
+    """torch.compile each Qwen3 decoder layer (one layer type: compiles once). On CUDA the encoder already replays
+    each call from a CUDA graph (load_qwen3): the compiled layers are captured into it, which took a 512-token klein
+    encode from 9.6-10.0 to 6.6 ms on an H200 (docs/PERF.md §P10)."""
+    found = blocks(model)
+    for b in found:
+        b.compile()
+    return f"torch.compile on {len(found)} Qwen3 layers (first encode compiles)"
+
+
 def compile_vae(vae) -> str:
     """Compile the VAE decoder (channels-last, torch.compile of the decoder's forward): the compiler fuses each
     GroupNorm's statistics, normalisation and SiLU into one pass and the convolutions skip the NCHW<->NHWC copies.
