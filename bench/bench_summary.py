@@ -28,6 +28,7 @@ of the outputs, NaN check) and printed, with the peer's own compiled-vs-eager di
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -43,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-PARTS = ("klein_step", "qwen3_vae", "klein_image", "zimage")
+PARTS = ("klein_step", "qwen3_vae", "klein_image", "zimage", "zimage_image")
 LIMITS = {"klein_step": 240, "zimage_step": 150, "qwen3_vae": 150, "klein_image": 150, "zimage_image": 200,
-          "zimage": 260}
+          "zimage": 260, "comfy_native": 420}
 PROMPT = "a red fox sitting in fresh snow at golden hour, 35mm photograph, shallow depth of field"
 
 P = argparse.ArgumentParser()
@@ -57,6 +58,7 @@ P.add_argument("--reps", type=int, default=10)
 P.add_argument("--image-reps", type=int, default=4)
 P.add_argument("--budget", type=float, default=600.0, help="seconds for all parts together")
 P.add_argument("--merge", nargs="*", default=[], help="earlier parts.json files: workloads not run now come from them")
+P.add_argument("--mlx", help="mlx_cuda.json from bench/run_mlx_cuda.sh (the MLX-CUDA workload, its own call)")
 P.add_argument("--tiny", action="store_true")
 P.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
 A = P.parse_args()
@@ -75,10 +77,13 @@ def driver():
     results = {}
     for old in A.merge:
         results.update(json.loads(Path(old).read_text()).get("parts", {}))
+    if A.mlx:
+        results["mlx_cuda"] = [json.loads(Path(A.mlx).read_text())]
     for part in [p for p in A.parts.split(",") if p]:
-        procs = A.image_procs if part == "klein_image" else 1
+        procs = A.image_procs if part in ("klein_image", "zimage_image") else 1
+        first = 1 if part == "zimage_image" and "zimage" in A.parts.split(",") else 0  # `zimage` ran process 0
         runs = []
-        for i in range(procs):
+        for i in range(first, procs):
             left = A.budget - (time.time() - T0)
             if left < 30:
                 log(f"{part}[{i}]: skipped, {left:.0f} s of the budget left")
@@ -120,16 +125,24 @@ def summarize(R, env):
             part = "zimage"
         return _get(R, part, key)
 
-    notes = ["comfyui_native: not measured in this call (needs a fetched ComfyUI snapshot carried with the call)",
-             "mlx_cuda_step_1024_ms: not measured (needs the mlx-cuda-13 wheel carried in two calls)"]
+    notes = [] if "comfy_native" in R else ["comfyui_native: not measured (needs a ComfyUI snapshot carried: "
+                                             "bench/comfy_native.py --prepare)"]
+    mlx = (R.get("mlx_cuda") or [{}])[0]
+    if not mlx:
+        notes.append("mlx_cuda_step_1024_ms: not measured (bench/run_mlx_cuda.sh, two calls; then --mlx FILE)")
     kimg = [r["ours_median_s"] for r in R.get("klein_image", []) if r.get("ours_median_s")]
     kall = [t for r in R.get("klein_image", []) for t in r.get("ours_s", [])]
     zimg = [r["ours_median_s"] for r in R.get("zimage_image", []) + R.get("zimage", []) if r.get("ours_median_s")]
     s = {
         "device": env.get("device"), "date": env.get("date"), "torch": env.get("torch"),
-        "modes": {"ours": "regional torch.compile of the DiT blocks, attention outside the compiled regions, each "
-                          "step replayed from a CUDA graph; Qwen3 replayed from a CUDA graph; VAE decoder compiled "
-                          "channels-last (compile=True / --compile)",
+        "modes": {"ours": "regional torch.compile of the DiT blocks (q/k norm + RoPE one fused expression), attention "
+                          "outside the compiled regions, each step replayed from a CUDA graph; Qwen3 layers compiled "
+                          "and replayed from a CUDA graph; VAE decoder compiled channels-last (compile=True / --compile)",
+                  "comfyui_native": "ComfyUI's own model classes (comfy.ldm.flux / comfy.ldm.lumina, snapshot "
+                                    "4f874c5), resident bf16 weights, its default attention, eager; _compiled: "
+                                    "torch.compile of the whole model as its TorchCompileModel node does",
+                  "mlx_cuda": "our MLX path on mlx 0.32.4 + mlx-cuda-13 (its step mx.compile'd as the sampler runs "
+                              "it) beside our torch compiled step, same weights, one call",
                   "diffusers_compiled": "transformer.compile_repeated_blocks(fullgraph=True), diffusers 0.42.1",
                   "ours_fp8": "ours with fp8 e4m3 block weights (row-wise scales, torch._scaled_mm)",
                   "ours_int8": "ours with int8 weight-only block weights (dequantized in the compiled graph)"},
@@ -137,18 +150,22 @@ def summarize(R, env):
                                "ours_int8": g("klein_step", "ours_int8_ms"),
                                "diffusers_eager": g("klein_step", "diffusers_eager_ms"),
                                "diffusers_compiled": g("klein_step", "diffusers_compiled_ms"),
-                               "comfyui_native": None},
+                               "comfyui_native": g("comfy_native", "comfyui_klein_eager_ms"),
+                               "comfyui_native_compiled": g("comfy_native", "comfyui_klein_compiled_ms")},
         "klein_ref_step_1024_ms": {"ours": g("klein_step", "ref_ours_ms"),
                                    "diffusers_compiled": g("klein_step", "ref_diffusers_compiled_ms")},
         "zimage_step_1024_ms": {"ours": g("zimage_step", "ours_ms"),
-                                "diffusers_compiled": g("zimage_step", "diffusers_compiled_ms"), "comfyui_native": None},
+                                "diffusers_compiled": g("zimage_step", "diffusers_compiled_ms"),
+                                "comfyui_native": g("comfy_native", "comfyui_zimage_eager_ms"),
+                                "comfyui_native_compiled": g("comfy_native", "comfyui_zimage_compiled_ms")},
         "qwen3_512_ms": {"ours": g("qwen3_vae", "qwen3_ours_ms"), "transformers": g("qwen3_vae", "qwen3_transformers_ms")},
         "vae_decode_1024_ms": {"ours": g("qwen3_vae", "vae_ours_ms"), "diffusers": g("qwen3_vae", "vae_diffusers_ms")},
         "klein_image_1024_s": {"ours": kimg, "ours_min_max": [min(kall), max(kall)] if kall else None,
                                "diffusers_compiled": g("klein_image", "diffusers_compiled_median_s")},
         "zimage_image_1024_s": {"ours": zimg, "diffusers_compiled": g("zimage_image", "diffusers_compiled_median_s")},
-        "mlx_cuda_step_1024_ms": None,
-        "variants": {p: R[p][0].get("variants") for p in ("klein_step", "zimage_step", "qwen3_vae", "zimage") if p in R},
+        "mlx_cuda_step_1024_ms": mlx.get("mlx_cuda_step_1024_ms"),
+        "variants": {p: R[p][0].get("variants") for p in ("klein_step", "zimage_step", "qwen3_vae", "zimage",
+                                                           "comfy_native", "mlx_cuda") if p in R},
         "checks": {p: [c for r in R[p] for c in r.get("checks", [])] for p in R},
         "notes": notes + [n for p in R for r in R[p] for n in r.get("notes", [])],
     }
@@ -174,7 +191,17 @@ def _ratios(s):
                 r(max(ki["ours"]), ki["diffusers_compiled"]) if ki["ours"] else None,
             "klein_image_max_over_min_process (goal <= 1.10)": r(max(ki["ours"]), min(ki["ours"])) if ki["ours"] else None,
             "zimage_image_vs_diffusers_compiled (goal <= 0.92)":
-                r(max(zi["ours"]), zi["diffusers_compiled"]) if zi["ours"] else None}
+                r(max(zi["ours"]), zi["diffusers_compiled"]) if zi["ours"] else None,
+            "klein_step_vs_comfyui_native": r(k["ours"], k["comfyui_native"]),
+            "klein_step_vs_comfyui_native_compiled": r(k["ours"], k["comfyui_native_compiled"]),
+            "zimage_step_vs_comfyui_native": r(z["ours"], z["comfyui_native"]),
+            "zimage_step_vs_comfyui_native_compiled": r(z["ours"], z["comfyui_native_compiled"]),
+            **_mlx_ratios(s["mlx_cuda_step_1024_ms"] or {}, r)}
+
+
+def _mlx_ratios(m, r):
+    return {"mlx_cuda_klein_vs_torch (goal <= 1)": r(m.get("klein_mlx"), m.get("klein_torch")),
+            "mlx_cuda_zimage_vs_torch (goal <= 1)": r(m.get("zimage_mlx"), m.get("zimage_torch"))}
 
 
 # ============================================================================================== parts
@@ -213,7 +240,9 @@ def variant(key, value):
 
 
 def check(what, a, b):
-    """Relative L2 difference of two outputs, and whether `a` is finite."""
+    """Relative L2 difference of two outputs, and whether `a` is finite (nothing to compare with: None)."""
+    if b is None:
+        return None
     d = float((a.float() - b.float()).norm() / b.float().norm())
     finite = bool(torch.isfinite(a.float()).all())
     REC["checks"].append({"what": what, "rel_l2": d, "finite": finite})
@@ -254,6 +283,21 @@ def timed_first(fn):
     out = fn()
     sync()
     return out, round(time.time() - t, 1)
+
+
+def fp32_reference(build, run):
+    """The output of the same weights in float32 (tf32 off): the yardstick for 'fast vs plain' -- with random
+    weights, bf16 round-off alone moves a deep stack's output by percents, so the question is whether the fast path
+    is further from float32 than the plain bf16 path is. The float32 model is freed before returning."""
+    if DT == torch.float32:
+        return None
+    model = build()
+    with torch.inference_mode():
+        out = run(model).float()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
 
 
 def random_like(model, seed=0):
@@ -404,6 +448,9 @@ def part_klein_step():
     f_ours = lambda: step(x, sig)
     plain, ref_eager = f_ours(), f_ref()
     check("klein ours eager vs diffusers eager", plain, ref_eager)
+    exact = fp32_reference(lambda: load_klein(to_native(sd), dtype=torch.float32, device=DEV).eval(),
+                           lambda m: m(x, ids[None], txt, tids[None], sig, pe=pe))
+    check("klein ours eager (bf16) vs the same weights in float32 (what bf16 itself costs)", plain, exact)
     put("diffusers_eager_ms", timeit(f_ref))
     variant("ours_eager_ms", timeit(f_ours))
     if not COMPILE:
@@ -426,11 +473,13 @@ def part_klein_step():
     variant("graph_failed", cache.failed)
     fast = f_fast()
     check("klein ours fast (compiled + graph) vs ours eager", fast, plain)
+    check("klein ours fast (compiled + graph) vs float32", fast, exact)
     with torch.inference_mode():
         ref.compile_repeated_blocks(fullgraph=True)
         out, t = timed_first(f_ref)
         variant("diffusers_compile_s", t)
         check("klein diffusers compiled vs diffusers eager (yardstick)", out, ref_eager)
+        check("klein diffusers compiled vs float32", out, exact)
         put("diffusers_compiled_ms", timeit(f_ref))
         # + one 1024² reference image (8192 + 512 tokens)
         x1, ids1, _, _, _ = klein_inputs(cfg, 1)
@@ -476,6 +525,8 @@ def part_zimage_step():
     with torch.inference_mode():
         plain, ref_eager = f_ours(), f_ref()
         check("zimage ours eager vs diffusers eager", plain, ref_eager)
+        exact = fp32_reference(lambda: copy.deepcopy(ours).float(), lambda m: m(x, t, [cap], rope_cache=rope)[0])
+        check("zimage ours eager (bf16) vs the same weights in float32", plain, exact)
         put("diffusers_eager_ms", timeit(f_ref))
         variant("ours_eager_ms", timeit(f_ours))
     if not COMPILE:
@@ -488,19 +539,22 @@ def part_zimage_step():
     f_fast, cache = graphed(step, x, t)
     put("ours_ms", timeit(f_fast))
     variant("graph_failed", cache.failed)
-    check("zimage ours fast (compiled + graph) vs ours eager", f_fast(), plain)
+    fast = f_fast()
+    check("zimage ours fast (compiled + graph) vs ours eager", fast, plain)
+    check("zimage ours fast (compiled + graph) vs float32", fast, exact)
     with torch.inference_mode():
         ref.compile_repeated_blocks(fullgraph=True)
         out, tc = timed_first(f_ref)
         variant("diffusers_compile_s", tc)
         check("zimage diffusers compiled vs diffusers eager (yardstick)", out, ref_eager)
+        check("zimage diffusers compiled vs float32", out, exact)
         put("diffusers_compiled_ms", timeit(f_ref))
 
 
 # ---------------------------------------------------------------------------------------------- Qwen3 + VAE
 
 def part_qwen3_vae():
-    from flux_core.torch.loaders import compile_vae
+    from flux_core.torch.loaders import compile_text_encoder, compile_vae
     from flux_core.torch.qwen3 import load_qwen3
     from flux_core.weights.io import Checkpoint
 
@@ -519,26 +573,25 @@ def part_qwen3_vae():
         plain = f_plain()
         check("qwen3 ours plain vs transformers (layer 27)", plain[-1], want[27])
         variant("qwen3_ours_plain_ms", timeit(f_plain))
+        exact = fp32_reference(lambda: load_qwen3(Checkpoint(sd), dtype=torch.float32, device=DEV, max_layers=27),
+                               lambda m: m(ids, mask, output_layers=layers)[-1])
+        check("qwen3 ours plain (bf16) vs float32 (layer 27)", plain[-1], exact)
+        check("qwen3 transformers (bf16) vs float32 (layer 27)", want[27], exact)
         ours.use_cuda_graphs()
+        variant("qwen3_ours_graphed_ms", timeit(f_plain))
+        for a, b, k in zip(f_plain(), plain, layers):
+            check(f"qwen3 ours graphed vs plain (layer {k})", a, b)
+        if COMPILE:  # as shipped with compile=True: each layer compiled, captured into the same graph replay
+            variant("qwen3_compile", compile_text_encoder(ours))
+            out, t = timed_first(f_plain)
+            variant("qwen3_compile_s", t)
         put("qwen3_ours_ms", timeit(f_plain))
         variant("qwen3_graph_replays", ours.graphed.replays)
         variant("qwen3_graph_failed", ours.graphed.failed)
         fast = f_plain()
         for a, b, k in zip(fast, plain, layers):
-            check(f"qwen3 ours graphed vs plain (layer {k})", a, b)
-        # variant for the next step (not shipped): each decoder layer compiled, then graphed like the above
-        try:
-            from flux_core.torch.graphs import CudaGraphCache
-            from flux_core.torch.loaders import compile_blocks
-
-            compile_blocks(ours)
-            ours.graphed = CudaGraphCache(ours._run, name="Qwen3 encoder (compiled layers)", max_entries=4)
-            variant("qwen3_ours_compiled_graph_ms", timeit(f_plain))
-            comp = f_plain()
-            for a, b, k in zip(comp, plain, layers):
-                check(f"qwen3 ours compiled+graph vs plain (layer {k})", a, b)
-        except Exception as e:  # a measurement, never a failure of the part
-            variant("qwen3_ours_compiled_graph_error", repr(e)[:300])
+            check(f"qwen3 ours fast vs plain (layer {k})", a, b)
+        check("qwen3 ours fast vs float32 (layer 27)", fast[-1], exact)
     del ref, ours, sd
     gc.collect()
     if DEV.type == "cuda":
@@ -657,7 +710,7 @@ def part_image(family_name):
     from flux_core.families import FAMILIES
     from flux_core.models import LoadedModel
     from flux_core.text import QwenTokenizer, TextEncoder
-    from flux_core.torch.loaders import compile_blocks, compile_vae
+    from flux_core.torch.loaders import compile_blocks, compile_text_encoder, compile_vae
     from flux_core.torch.qwen3 import load_qwen3
     from flux_core.weights.io import Checkpoint
 
@@ -679,6 +732,7 @@ def part_image(family_name):
     gc.collect()
     if COMPILE:
         compile_blocks(tr)
+        compile_text_encoder(te.model)
         compile_vae(vae)
     dev = str(DEV)
     trm = LoadedModel("transformer", tr, "bench", "torch", dev, dt, variant=family.variant(True, tr.config))
@@ -744,6 +798,13 @@ def part_klein_image():
 
 def part_zimage_image():
     part_image("zimage")
+
+
+def part_comfy_native():
+    """ComfyUI's own klein and Z-Image model classes (a snapshot carried as .dev/comfyui: bench/comfy_native.py)."""
+    from comfy_native import part_comfy_native as run
+
+    run(A, DEV, DT, timeit, check, put, variant, klein_cfg, zimage_cfg)
 
 
 def part_zimage():
