@@ -262,3 +262,9 @@ def test_load_text_encoder_compile_is_the_same_function(encoder, hf_model, tmp_p
     clear_embedding_cache()  # both share a source id: without this the second encode is a cache hit
     calls = count_forwards(fast.module)
     assert rel_err(fast.module.encode_klein(PROMPTS[:1]), want) <= 1e-5 and calls
+    enc = plain.module.model.use_cuda_graphs()
+    old = enc.graphed
+    from flux_core.torch.loaders import compile_text_encoder
+
+    compile_text_encoder(enc)  # compiled after graphs were set up: a fresh cache (old captures hold old kernels)
+    assert enc.graphed is not old

@@ -74,6 +74,8 @@ def compile_text_encoder(model) -> str:
     found = blocks(model)
     for b in found:
         b.compile()
+    if getattr(model, "graphed", None) is not None:
+        model.use_cuda_graphs()  # graphs captured before would replay the uncompiled kernels: start a new cache
     return f"torch.compile on {len(found)} Qwen3 layers (first encode compiles)"
 
 
