@@ -43,6 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from summary_report import summarize  # noqa: E402
 
 PARTS = ("klein_step", "qwen3_vae", "klein_image", "zimage", "zimage_image")
 LIMITS = {"klein_step": 240, "zimage_step": 150, "qwen3_vae": 150, "klein_image": 150, "zimage_image": 200,
@@ -114,96 +117,6 @@ def _env():
             "date": datetime.date.today().isoformat(), "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M")}
 
 
-def _get(results, part, key, i=0):
-    runs = results.get(part) or []
-    return runs[i].get(key) if len(runs) > i else None
-
-
-def summarize(R, env):
-    def g(part, key):
-        if part.startswith("zimage") and "zimage" in R:
-            part = "zimage"
-        return _get(R, part, key)
-
-    notes = [] if "comfy_native" in R else ["comfyui_native: not measured (needs a ComfyUI snapshot carried: "
-                                             "bench/comfy_native.py --prepare)"]
-    mlx = (R.get("mlx_cuda") or [{}])[0]
-    if not mlx:
-        notes.append("mlx_cuda_step_1024_ms: not measured (bench/run_mlx_cuda.sh, two calls; then --mlx FILE)")
-    kimg = [r["ours_median_s"] for r in R.get("klein_image", []) if r.get("ours_median_s")]
-    kall = [t for r in R.get("klein_image", []) for t in r.get("ours_s", [])]
-    zimg = [r["ours_median_s"] for r in R.get("zimage_image", []) + R.get("zimage", []) if r.get("ours_median_s")]
-    s = {
-        "device": env.get("device"), "date": env.get("date"), "torch": env.get("torch"),
-        "modes": {"ours": "regional torch.compile of the DiT blocks (q/k norm + RoPE one fused expression), attention "
-                          "outside the compiled regions, each step replayed from a CUDA graph; Qwen3 layers compiled "
-                          "and replayed from a CUDA graph; VAE decoder compiled channels-last (compile=True / --compile)",
-                  "comfyui_native": "ComfyUI's own model classes (comfy.ldm.flux / comfy.ldm.lumina, snapshot "
-                                    "4f874c5), resident bf16 weights, its default attention, eager; _compiled: "
-                                    "torch.compile of the whole model as its TorchCompileModel node does",
-                  "mlx_cuda": "our MLX path on mlx 0.32.4 + mlx-cuda-13 (its step mx.compile'd as the sampler runs "
-                              "it) beside our torch compiled step, same weights, one call",
-                  "diffusers_compiled": "transformer.compile_repeated_blocks(fullgraph=True), diffusers 0.42.1",
-                  "ours_fp8": "ours with fp8 e4m3 block weights (row-wise scales, torch._scaled_mm)",
-                  "ours_int8": "ours with int8 weight-only block weights (dequantized in the compiled graph)"},
-        "klein_step_1024_ms": {"ours": g("klein_step", "ours_ms"), "ours_fp8": g("klein_step", "ours_fp8_ms"),
-                               "ours_int8": g("klein_step", "ours_int8_ms"),
-                               "diffusers_eager": g("klein_step", "diffusers_eager_ms"),
-                               "diffusers_compiled": g("klein_step", "diffusers_compiled_ms"),
-                               "comfyui_native": g("comfy_native", "comfyui_klein_eager_ms"),
-                               "comfyui_native_compiled": g("comfy_native", "comfyui_klein_compiled_ms")},
-        "klein_ref_step_1024_ms": {"ours": g("klein_step", "ref_ours_ms"),
-                                   "diffusers_compiled": g("klein_step", "ref_diffusers_compiled_ms")},
-        "zimage_step_1024_ms": {"ours": g("zimage_step", "ours_ms"),
-                                "diffusers_compiled": g("zimage_step", "diffusers_compiled_ms"),
-                                "comfyui_native": g("comfy_native", "comfyui_zimage_eager_ms"),
-                                "comfyui_native_compiled": g("comfy_native", "comfyui_zimage_compiled_ms")},
-        "qwen3_512_ms": {"ours": g("qwen3_vae", "qwen3_ours_ms"), "transformers": g("qwen3_vae", "qwen3_transformers_ms")},
-        "vae_decode_1024_ms": {"ours": g("qwen3_vae", "vae_ours_ms"), "diffusers": g("qwen3_vae", "vae_diffusers_ms")},
-        "klein_image_1024_s": {"ours": kimg, "ours_min_max": [min(kall), max(kall)] if kall else None,
-                               "diffusers_compiled": g("klein_image", "diffusers_compiled_median_s")},
-        "zimage_image_1024_s": {"ours": zimg, "diffusers_compiled": g("zimage_image", "diffusers_compiled_median_s")},
-        "mlx_cuda_step_1024_ms": mlx.get("mlx_cuda_step_1024_ms"),
-        "variants": {p: R[p][0].get("variants") for p in ("klein_step", "zimage_step", "qwen3_vae", "zimage",
-                                                           "comfy_native", "mlx_cuda") if p in R},
-        "checks": {p: [c for r in R[p] for c in r.get("checks", [])] for p in R},
-        "notes": notes + [n for p in R for r in R[p] for n in r.get("notes", [])],
-    }
-    s["ratios"] = _ratios(s)
-    return s
-
-
-def _ratios(s):
-    def r(a, b):
-        return round(a / b, 3) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
-
-    k, z = s["klein_step_1024_ms"], s["zimage_step_1024_ms"]
-    ki, zi = s["klein_image_1024_s"], s["zimage_image_1024_s"]
-    return {"klein_step_vs_diffusers_compiled (goal <= 0.89)": r(k["ours"], k["diffusers_compiled"]),
-            "klein_fp8_vs_diffusers_compiled (goal <= 0.62)": r(k["ours_fp8"], k["diffusers_compiled"]),
-            "klein_int8_vs_ours_bf16 (goal <= 1)": r(k["ours_int8"], k["ours"]),
-            "klein_ref_vs_diffusers_compiled (goal <= 0.89)": r(s["klein_ref_step_1024_ms"]["ours"],
-                                                                s["klein_ref_step_1024_ms"]["diffusers_compiled"]),
-            "zimage_step_vs_diffusers_compiled (goal <= 0.89)": r(z["ours"], z["diffusers_compiled"]),
-            "qwen3_vs_transformers (goal <= 0.26)": r(s["qwen3_512_ms"]["ours"], s["qwen3_512_ms"]["transformers"]),
-            "vae_vs_diffusers (goal <= 0.42)": r(s["vae_decode_1024_ms"]["ours"], s["vae_decode_1024_ms"]["diffusers"]),
-            "klein_image_worst_process_vs_diffusers_compiled (goal <= 0.81)":
-                r(max(ki["ours"]), ki["diffusers_compiled"]) if ki["ours"] else None,
-            "klein_image_max_over_min_process (goal <= 1.10)": r(max(ki["ours"]), min(ki["ours"])) if ki["ours"] else None,
-            "zimage_image_vs_diffusers_compiled (goal <= 0.92)":
-                r(max(zi["ours"]), zi["diffusers_compiled"]) if zi["ours"] else None,
-            "klein_step_vs_comfyui_native": r(k["ours"], k["comfyui_native"]),
-            "klein_step_vs_comfyui_native_compiled": r(k["ours"], k["comfyui_native_compiled"]),
-            "zimage_step_vs_comfyui_native": r(z["ours"], z["comfyui_native"]),
-            "zimage_step_vs_comfyui_native_compiled": r(z["ours"], z["comfyui_native_compiled"]),
-            **_mlx_ratios(s["mlx_cuda_step_1024_ms"] or {}, r)}
-
-
-def _mlx_ratios(m, r):
-    return {"mlx_cuda_klein_vs_torch (goal <= 1)": r(m.get("klein_mlx"), m.get("klein_torch")),
-            "mlx_cuda_zimage_vs_torch (goal <= 1)": r(m.get("zimage_mlx"), m.get("zimage_torch"))}
-
-
 # ============================================================================================== parts
 
 if A.part:
@@ -220,6 +133,10 @@ if A.part:
         if hasattr(dynamo.config, "recompile_limit"):
             dynamo.config.recompile_limit = 64
     REC = {"checks": [], "notes": [], "variants": {}}
+    import summary_models
+    from summary_models import build_klein, build_qwen3, build_vae, build_zimage, klein_cfg, size, zimage_cfg
+
+    summary_models.configure(DEV, DT, A.tiny)
 
 
 def save():
@@ -300,23 +217,6 @@ def fp32_reference(build, run):
     return out
 
 
-def random_like(model, seed=0):
-    g = torch.Generator(DEV).manual_seed(seed)
-    sd = {}
-    for k, p in model.state_dict().items():
-        if k.endswith("running_var"):
-            t = 0.5 + torch.rand(p.shape, generator=g, device=DEV)
-        elif k.endswith("num_batches_tracked"):
-            sd[k] = torch.zeros((), dtype=torch.long, device=DEV)
-            continue
-        elif p.dim() == 1 and ("norm" in k or k.endswith("scale")):
-            t = 1 + 0.02 * torch.randn(p.shape, generator=g, device=DEV)
-        else:
-            t = 0.02 * torch.randn(p.shape, generator=g, device=DEV)
-        sd[k] = t.float() if k.startswith("bn.") else t.to(DT)
-    return sd
-
-
 def graphed(fn, *static_args):
     """A CudaGraphCache of fn over the given tensors (what the sampler does with a compiled step)."""
     from flux_core.torch.graphs import CudaGraphCache
@@ -324,99 +224,6 @@ def graphed(fn, *static_args):
     cache = CudaGraphCache(fn, name="bench step", max_entries=1)
     return (lambda: cache(*static_args)), cache
 
-
-# ---------------------------------------------------------------------------------------------- configs
-
-def klein_cfg():
-    if A.tiny:
-        return dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                    num_attention_heads=4, joint_attention_dim=96, axes_dims_rope=(4, 4, 4, 4))
-    return dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=7680, axes_dims_rope=(32, 32, 32, 32))
-
-
-def zimage_cfg():
-    if A.tiny:
-        return dict(dim=64, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12])
-    return dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
-                axes_dims=[32, 48, 48])
-
-
-def qwen_cfg():
-    if A.tiny:
-        return dict(vocab_size=261, hidden_size=32, intermediate_size=64, num_hidden_layers=28, num_attention_heads=2,
-                    num_key_value_heads=1, head_dim=16)
-    return dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                num_attention_heads=32, num_key_value_heads=8, head_dim=128)
-
-
-def vae_cfg(kind):
-    from refs import vae as rv
-
-    if A.tiny:
-        return dict(rv.TINY_FLUX2 if kind == "flux2" else rv.TINY_FLUX1)
-    return dict(rv.REAL_FLUX2 if kind == "flux2" else rv.REAL_FLUX1)
-
-
-def size():
-    return 64 if A.tiny else 1024
-
-
-def build_klein():
-    from diffusers import Flux2Transformer2DModel
-
-    from flux_core.torch.klein import load_klein
-    from flux_core.weights.klein import to_native
-
-    with torch.device("meta"):
-        ref = Flux2Transformer2DModel(timestep_guidance_channels=256, mlp_ratio=3.0, rope_theta=2000, eps=1e-6,
-                                      guidance_embeds=False, **klein_cfg())
-    sd = random_like(ref, 1)
-    ref.load_state_dict(sd, assign=True)
-    return ref.eval(), load_klein(to_native(sd), dtype=DT, device=DEV).eval(), sd
-
-
-def build_zimage():
-    from diffusers import ZImageTransformer2DModel
-
-    from flux_core.torch.zimage import load_zimage
-    from flux_core.weights.io import Checkpoint
-    from flux_core.weights.zimage import to_native
-
-    with torch.device("meta"):
-        ref = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, norm_eps=1e-5,
-                                       qk_norm=True, rope_theta=256.0, t_scale=1000.0, axes_lens=[1536, 512, 512],
-                                       **zimage_cfg())
-    sd = random_like(ref, 1)
-    ref.load_state_dict(sd, assign=True)
-    return ref.eval(), load_zimage(Checkpoint(to_native(sd)), dtype=DT, device=DEV).eval()
-
-
-def build_qwen3(seed=3):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    with torch.device(DEV):  # not meta: the rotary inv_freq buffer is computed at construction
-        ref = Qwen3ForCausalLM(Qwen3Config(rope_theta=1e6, tie_word_embeddings=True, **qwen_cfg())).to(DT)
-    sd = {k: v for k, v in random_like(ref, seed).items() if k != "lm_head.weight"}
-    ref.load_state_dict(sd, strict=False)
-    ref.tie_weights()
-    return ref.eval(), sd
-
-
-def build_vae(kind, seed=2):
-    from diffusers import AutoencoderKL, AutoencoderKLFlux2
-
-    from flux_core.torch.vae import load_vae
-    from flux_core.weights.io import Checkpoint
-    from flux_core.weights.vae import to_native
-
-    cfg = vae_cfg(kind)
-    with torch.device("meta"):
-        ref = (AutoencoderKLFlux2 if kind == "flux2" else AutoencoderKL)(**cfg)
-    sd = random_like(ref, seed)
-    ref.load_state_dict(sd, assign=True)
-    conf = {k: cfg[k] for k in ("norm_num_groups", "scaling_factor", "shift_factor") if k in cfg} or None
-    return ref.eval(), load_vae(Checkpoint(to_native(sd), config=conf), dtype=DT, device=DEV)
 
 
 # ---------------------------------------------------------------------------------------------- klein step
