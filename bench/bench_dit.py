@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import median_ms  # noqa: E402  (bench/ is sys.path[0] when a bench script runs)
 
 P = argparse.ArgumentParser()
 P.add_argument("--model", choices=["klein", "zimage", "qwen3", "vae"], default="klein")
@@ -58,25 +58,7 @@ def random_like(model, seed=0):
 
 
 def timeit(fn):
-    for _ in range(A.warmup):
-        fn()
-    if DEV.type == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(A.reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-    else:
-        times = []
-        for _ in range(max(3, A.reps // 5)):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, A.reps, DEV.type == "cuda", A.warmup, cpu_reps=max(3, A.reps // 5))
 
 
 def rel(a, b):

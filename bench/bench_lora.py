@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timing import median_ms  # noqa: E402  (bench/ is sys.path[0] when a bench script runs)
 
 P = argparse.ArgumentParser()
 P.add_argument("--out", required=True, help="JSON file to write")
@@ -61,24 +61,7 @@ def wall(fn):
 
 
 def step_ms(fn):
-    for _ in range(A.warmup):
-        fn()
-    if DEV.type != "cuda":
-        times = []
-        for _ in range(max(3, A.reps // 5)):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-    times = []
-    for _ in range(A.reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    return median_ms(fn, A.reps, DEV.type == "cuda", A.warmup, cpu_reps=max(3, A.reps // 5))
 
 
 def build():

@@ -174,24 +174,9 @@ def sync():
 
 
 def timeit(fn, reps=None, warmup=3):
-    reps = reps or A.reps
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps if DEV.type == "cuda" else 2):
-        if DEV.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return round(statistics.median(times), 3)
+    from timing import median_ms
+
+    return median_ms(fn, reps or A.reps, DEV.type == "cuda", warmup)
 
 
 def timed_first(fn):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -101,23 +100,9 @@ def sync():
 
 
 def timeit(fn, warmup=3):
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(A.reps if GPU else 2):
-        if GPU:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return round(statistics.median(times), 3)
+    from timing import median_ms
+
+    return median_ms(fn, A.reps, GPU, warmup)
 
 
 def rel(a, b):
