@@ -121,7 +121,7 @@ def col(*widths: int) -> int:
     return sum(w + GAP for w in widths)
 
 
-IMAGE_Y = 600  # Load Image below the band y 300..570 that the VAE loader's links cross
+IMAGE_Y = 630  # Load Image below the band y 330..600 that the VAE loader's links cross
 L, E, R, S, D = (SIZES[k][0] for k in ("loader", "FluxCoreQwen3Encode", "FluxCoreReferenceImageEncode",
                                        "FluxCoreSampler", "FluxCoreVAEDecode"))
 
@@ -130,9 +130,9 @@ def loaders(g: Graph, model_file: str, vae_file: str, variant: str = "auto"):
     klein = "klein" in model_file
     te = g.add("FluxCoreTextEncoderLoader", (0, 0), {"text_encoder": "qwen_3_4b.safetensors"},
                model_file="qwen_3_4b.safetensors")
-    m = g.add("FluxCoreKleinModelLoader" if klein else "FluxCoreZImageModelLoader", (0, 250),
+    m = g.add("FluxCoreKleinModelLoader" if klein else "FluxCoreZImageModelLoader", (0, 280),
               {"model_name": model_file, "variant": variant}, model_file=model_file)
-    vae = g.add("FluxCoreVAELoader", (0, 520), {"vae_name": vae_file}, model_file=vae_file)
+    vae = g.add("FluxCoreVAELoader", (0, 550), {"vae_name": vae_file}, model_file=vae_file)
     return te, m, vae
 
 
