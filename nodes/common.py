@@ -50,7 +50,7 @@ class ModelRef:
     tokenizer_search: tuple = ()
     family: str | None = None          # transformer: the family's name (klein | zimage); vae: its kind (flux2 | flux1)
     variant: object = None             # flux_core.families.Variant (transformer)
-    compile: bool = False              # transformer, text encoder: regional torch.compile
+    compile: bool = False              # torch.compile: transformer blocks, Qwen3 layers, VAE decoder
     offload: str = "auto"              # as asked: auto | none | model | blocks
     loras: tuple = ()                  # transformer: ((path, strength), ...) from LoRA Loader nodes, in order
 
@@ -70,7 +70,7 @@ class ModelRef:
                                               self.quantization, tokenizer_search=self.tokenizer_search, offload=off,
                                               compile=self.compile)
         else:
-            loaded = models.load_vae(self.path, self.backend, None, self.dtype, offload=off)
+            loaded = models.load_vae(self.path, self.backend, None, self.dtype, offload=off, compile=self.compile)
         memory.use(loaded, fc_memory.WORKING_BYTES[self.kind])
         return loaded
 

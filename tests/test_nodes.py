@@ -148,6 +148,23 @@ def test_loader_lists_standard_files(demo):
     assert combos["FluxCoreVAELoader"] == ["ae.safetensors", "flux2-vae.safetensors"]
 
 
+def test_compile_inputs_reach_the_library(demo):
+    """The loaders' compile toggles compile what `--compile` compiles (the Qwen3 layers, the VAE decoder); the badge
+    details say so; compile off loads a separate, uncompiled model."""
+    (te,), te_badge = run("FluxCoreTextEncoderLoader", text_encoder="qwen_3_4b.safetensors", backend="torch",
+                          dtype="float32", quantization="none", tokenizer=str(demo["tokenizer"]), compile=True)
+    (vae,), vae_badge = run("FluxCoreVAELoader", vae_name="flux2-vae.safetensors", backend="torch", dtype="float32",
+                            compile=True)
+    assert te.compile and vae.compile
+    encoder, decoder = te.load().module.model, vae.load().module.decoder
+    assert all(layer._compiled_call_impl is not None for layer in encoder.layers)
+    assert decoder._compiled_call_impl is not None
+    assert any("Qwen3 layers" in d for d in map(str, te_badge["details"]))
+    assert any("VAE decoder" in d for d in map(str, vae_badge["details"]))
+    (plain,), _ = run("FluxCoreVAELoader", vae_name="flux2-vae.safetensors", backend="torch", dtype="float32")
+    assert plain.load().module.decoder._compiled_call_impl is None
+
+
 # ----------------------------------------------------------------------------------------------------- running
 @pytest.mark.slow
 def test_klein_text_to_image_matches_library(demo):
