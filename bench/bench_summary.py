@@ -439,6 +439,7 @@ def image_loop(run, reps, label):
     put(f"{label}_median_s", round(statistics.median(times), 4))
     if splits and splits[0]:
         put(f"{label}_split_median_s", {k: round(statistics.median(s[k] for s in splits), 4) for k in splits[0]})
+        put(f"{label}_split_per_image_s", [{k: round(v, 4) for k, v in s.items()} for s in splits])
     put(f"{label}_gc_ms_per_image", gcs)
 
 
@@ -542,7 +543,7 @@ def part_image(family_name):
         run()  # the second generation captures the step graphs (first steps of each shape run plainly)
         STEPS.clear()
         image_loop(run, A.image_reps, "ours")
-        put("ours_steps_last_image", STEPS[-1] if STEPS else None)
+        put("ours_steps_per_image", list(STEPS))  # where a slow image's time went (GPU vs host, per step)
         if with_peer and DEV.type == "cuda":  # the same models with the CUDA-graph replay switched off
             os.environ["FLUXCORE_CUDA_GRAPHS"] = "0"
             run()

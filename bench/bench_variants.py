@@ -5,6 +5,7 @@
 
 Each section runs in a FRESH process (inductor options are read at compile time) and writes DIR/<section>.json after
 every measurement, so a timeout keeps what was measured:
+  zprofile  the same for the Z-Image-Turbo step.
   profile   klein-4B step at 1024² as shipped (regional compile, attention outside, CUDA-graph replay): time, fast vs
             plain, and where the GPU time goes (kernel time by kind from torch.profiler over compiled, ungraphed steps).
   emulate   the same with inductor's `emulate_precision_casts` (the compiled code rounds to bf16 where eager rounds):
@@ -29,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("profile", "emulate", "outliers", "autotune")
-LIMITS = {"profile": 120, "emulate": 150, "autotune": 300, "outliers": 120}
+SECTIONS = ("profile", "emulate", "outliers", "autotune")  # default set; zprofile on request
+LIMITS = {"profile": 120, "zprofile": 150, "emulate": 150, "autotune": 300, "outliers": 120}
 
 P = argparse.ArgumentParser()
 P.add_argument("--sections", default=",".join(SECTIONS))
@@ -198,8 +199,8 @@ def fast_path(m, step, x, t, label, mode=None):
 
 # ---------------------------------------------------------------------------------------------- sections
 
-KINDS = (("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "matmul")), ("attention", ("fmha", "flash", "cudnn",
-         "attention", "sdpa")), ("triton", ("triton",)), ("copy", ("copy", "memcpy", "memset", "cat", "elementwise")))
+KINDS = (("attention", ("fmha", "flash", "attention", "sdpa")), ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90_",
+         "matmul", "cudnn")), ("triton", ("triton",)), ("copy", ("copy", "memcpy", "memset", "cat", "elementwise")))
 
 
 def kind_of(name):
@@ -210,25 +211,37 @@ def kind_of(name):
 def section_profile():
     m, step, x, sig = klein()
     fast_path(m, step, x, sig, "klein")
+    profile_step(step, x, sig, "klein")
+
+
+def section_zprofile():
+    m, step, x, t = zimage()
+    fast_path(m, step, x, t, "zimage")
+    profile_step(step, x, t, "zimage")
+
+
+def profile_step(step, x, t, label):
+    """Kernel time per step by kind (torch.profiler over 3 compiled, ungraphed steps) and the top kernels."""
     if not GPU:
         return
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with torch.inference_mode():
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                step(x, sig)
+                step(x, t)
             sync()
     per_kind, top = {}, []
     for ev in prof.key_averages():
-        dev_us = ev.self_device_time_total  # kernels only: a CPU op's own device time is 0
-        if dev_us <= 0:
-            continue
+        dev_us = ev.self_device_time_total
+        if dev_us <= 0 or ev.device_type != DeviceType.CUDA:  # kernels only: aten ops and Triton launchers (CPU
+            continue                                          # events) re-list their kernels' device time
         k = kind_of(ev.key)
         per_kind[k] = per_kind.get(k, 0) + dev_us / 3e3
         top.append((round(dev_us / 3e3, 3), ev.count // 3, k, ev.key[:90]))
-    put("klein_ms_per_step_by_kind (compiled, ungraphed)", {k: round(v, 2) for k, v in sorted(per_kind.items())})
-    put("klein_top_kernels [ms/step, calls/step, kind, name]", sorted(top, reverse=True)[:40])
+    put(f"{label}_ms_per_step_by_kind (compiled, ungraphed)", {k: round(v, 2) for k, v in sorted(per_kind.items())})
+    put(f"{label}_top_kernels [ms/step, calls/step, kind, name]", sorted(top, reverse=True)[:40])
 
 
 def section_emulate():
