@@ -129,6 +129,8 @@ stage2() {
 }
 
 # Preparing .mlxw/ (on the workstation, once; .mlxw/ is in .git/info/exclude):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_35_x86_64 -d /tmp/mlxw mlx==0.32.4 mlx-cuda-13==0.32.4
 #   split -b 45000000 $WHEEL $WHEEL.part-          -> part-aa to .mlxw/part1/, part-ab + the mlx wheel to .mlxw/part2/
 #   sha256sum $WHEEL $MLX_WHEEL > .mlxw/part2/SHA256SUMS; part hashes in part1/SHA256SUMS.part1, part2/SHA256SUMS.parts
 cmd=${1:-}
