@@ -25,9 +25,9 @@ tqdm, packaging, comfy_kitchen, comfy_aimdo. On the GPU machine's list: einops n
 (packaging comes with transformers). Not there:
   - comfy_kitchen: USED by the forward (flux `math.apply_rope` -> `ck.apply_rope`, Z-Image attention ->
     `ck.rms_rope`), so it cannot be stubbed: its pure-Python part is carried in `_site`. Without its CUDA extension
-    (which ComfyUI also disables on torch builds older than CUDA 13) it runs its Triton backend where triton is
-    installed (the H200 image: `comfyui_setup` in the call-8 results) and its "eager" backend otherwise; either way
-    its ops are torch.library custom ops (opaque to inductor: not fused with their neighbours when compiled).
+    (which ComfyUI also disables on torch builds older than CUDA 13) it runs its "eager" backend: its Triton backend
+    was importable on the H200 but disabled, as ComfyUI leaves it (`comfyui_setup` in the call-8 results). Its ops
+    are torch.library custom ops (opaque to inductor: not fused with their neighbours when compiled).
   - comfy_aimdo: NOT used by a forward with resident weights (only by the dynamic-VRAM loader and by
     `ops.cast_bias_weight` for weights that live in an aimdo "vbar"): stubbed by `add_comfy_to_path` when missing,
     with empty modules that raise AttributeError if anything is looked up.
