@@ -407,6 +407,40 @@ def micro_rope(name: str, heads: int, d: int, L: int):
               torch_rope(tx, tpe).float().cpu().numpy())
 
 
+def gemm_shapes(name: str, cfg, L: int, n_img: int) -> list:
+    """(label, M, K, N, calls per step) of the step's big matrix products (x [M, K] @ W^T [K, N]); L tokens in the
+    joint sequence, n_img of them image tokens (klein's double blocks run the image stream alone)."""
+    if name == "klein":
+        D, F = cfg.hidden_size, cfg.mlp_hidden
+        single, double = cfg.depth_single, cfg.depth
+        return [("single.linear1", L, D, 3 * D + 2 * F, single), ("single.linear2", L, D + F, D, single),
+                ("double.img_qkv", n_img, D, 3 * D, double), ("double.img_mlp_in", n_img, D, 2 * F, double),
+                ("double.img_mlp_out", n_img, F, D, double)]
+    D, F = cfg.dim, cfg.ffn_hidden
+    return [("layer.qkv", L, D, 3 * D, cfg.n_layers), ("layer.w13", L, D, 2 * F, cfg.n_layers),
+            ("layer.w2", L, F, D, cfg.n_layers), ("layer.out", L, D, D, cfg.n_layers)]
+
+
+def micro_gemm(name: str, cfg, L: int, n_img: int):
+    """Each big product of the step alone, bf16, MLX vs torch (random data): where MLX's compiled step loses the
+    time that attention and RoPE do not explain. Records ms per call and the per-step total (x calls)."""
+    from flux_core.mlx.common import to_mx
+
+    total_mx = total_t = 0.0
+    for label, M, K, N, n in gemm_shapes(name, cfg, L, n_img):
+        g = torch.Generator("cpu").manual_seed(7)
+        a, w = torch.randn(M, K, generator=g).to(TDT), (0.02 * torch.randn(N, K, generator=g)).to(TDT)
+        ma, mw = to_mx(a, DTYPE), to_mx(w, DTYPE)
+        mx.eval(ma, mw)
+        t_mx = time_mlx(lambda: [ma @ mw.T for _ in range(INNER)]) / INNER
+        ta, tw = a.to(TDEV), w.to(TDEV)
+        with torch.inference_mode():
+            t_t = time_torch(lambda: [ta @ tw.T for _ in range(INNER)])[0] / INNER
+        variant(f"{name}_gemm_{label}_{M}x{K}x{N}_ms", {"mlx": round(t_mx, 4), "torch": round(t_t, 4), "calls": n})
+        total_mx, total_t = total_mx + n * t_mx, total_t + n * t_t
+    variant(f"{name}_gemm_step_total_ms", {"mlx": round(total_mx, 2), "torch": round(total_t, 2)})
+
+
 def micro(name: str, cfg, geo):
     heads, d = (cfg.num_heads, cfg.head_dim) if name == "klein" else (cfg.n_heads, cfg.head_dim)
     calls = attention_calls(name, cfg, geo)
@@ -414,6 +448,7 @@ def micro(name: str, cfg, geo):
     main_len = calls[0][0]
     micro_attention(name, heads, d, main_len)
     micro_rope(name, heads, d, main_len)
+    micro_gemm(name, cfg, main_len, geo["h"] * geo["w"])
 
 
 # ============================================================================================== one family

@@ -5,7 +5,7 @@
 
 Each section runs in a FRESH process (inductor options are read at compile time) and writes DIR/<section>.json after
 every measurement, so a timeout keeps what was measured:
-  zprofile  the same for the Z-Image-Turbo step.
+  zprofile  the same for the Z-Image-Turbo step; fp8profile for the klein step with fp8 block weights.
   profile   klein-4B step at 1024² as shipped (regional compile, attention outside, CUDA-graph replay): time, fast vs
             plain, and where the GPU time goes (kernel time by kind from torch.profiler over compiled, ungraphed steps).
   emulate   the same with inductor's `emulate_precision_casts` (the compiled code rounds to bf16 where eager rounds):
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("profile", "emulate", "outliers", "autotune")  # default set; zprofile on request
-LIMITS = {"profile": 120, "zprofile": 150, "emulate": 150, "autotune": 300, "outliers": 120}
+LIMITS = {"profile": 120, "zprofile": 150, "fp8profile": 120, "emulate": 150, "autotune": 300, "outliers": 120}
 
 P = argparse.ArgumentParser()
 P.add_argument("--sections", default=",".join(SECTIONS))
@@ -212,6 +212,16 @@ def section_profile():
     m, step, x, sig = klein()
     fast_path(m, step, x, sig, "klein")
     profile_step(step, x, sig, "klein")
+
+
+def section_fp8profile():
+    """The fp8 step's kernels: are the activations' amax / scale / cast fused into the preceding kernels?"""
+    from flux_core.torch import quant
+
+    m, step, x, sig = klein()
+    quant.quantize_model(m, "fp8")
+    fast_path(m, step, x, sig, "klein_fp8")
+    profile_step(step, x, sig, "klein_fp8")
 
 
 def section_zprofile():
