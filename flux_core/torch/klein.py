@@ -261,8 +261,9 @@ def attention(q, k, v):
 def norm_rope(x, norm: RMSNorm, pe):
     """Per-head RMSNorm, then RoPE. Eager: torch's rms_norm kernel, then the pair rotation (bit-equal to diffusers).
     Inside compiled code the same arithmetic is written as one row-wise expression (statistics in float32, the
-    normed value rounded to the dtype as eager rounds it, then x*C + swap(x)*S): inductor then emits one kernel
-    per tensor where the rms_norm + stack form gave three (q norm, k norm, rotation; H200, torch 2.11)."""
+    normed value rounded to the dtype as eager rounds it, then x*C + swap(x)*S) that inductor can fuse: the
+    rms_norm + stack form compiled to three kernels (q norm, k norm, rotation; H200, torch 2.11), and the rewrite
+    took the 1024² step from 59.6 to 58.8 ms."""
     if not torch.compiler.is_compiling():
         return apply_rope(norm(x), pe)
     xf = x.float()

