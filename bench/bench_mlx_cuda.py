@@ -248,24 +248,11 @@ def sync():
 
 
 def time_torch(fn, reps=None, warmup=2) -> tuple[float, float]:
-    """(median CUDA-event ms, median wall ms) of fn(); on the CPU both are wall time."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    events, walls = [], []
-    for _ in range(reps or REPS):
-        w = time.perf_counter()
-        if TDEV.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            events.append(s.elapsed_time(e))
-        else:
-            fn()
-        walls.append((time.perf_counter() - w) * 1e3)
-    return round(statistics.median(events or walls), 3), round(statistics.median(walls), 3)
+    """(median CUDA-event ms, median wall ms) of fn(); on the CPU both are wall time (bench/timing.py)."""
+    from timing import samples_ms
+
+    device, wall = samples_ms(fn, reps or REPS, TDEV.type == "cuda", warmup)
+    return round(statistics.median(device), 3), round(statistics.median(wall), 3)
 
 
 def timed_first_torch(fn):

@@ -9,24 +9,30 @@ import time
 import torch
 
 
-def median_ms(fn, reps: int, cuda: bool, warmup: int = 3, cpu_reps: int = 2) -> float:
-    """Median milliseconds of `fn()` over `reps` calls after `warmup` calls; on the CPU (`cuda` false) over
-    `cpu_reps` calls, timed by the wall clock."""
+def samples_ms(fn, reps: int, cuda: bool, warmup: int = 3) -> tuple[list, list]:
+    """(device ms per call -- CUDA events, or the wall time on the CPU --, wall ms per call including the final
+    synchronisation) over `reps` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
     if cuda:
         torch.cuda.synchronize()
-    times = []
-    for _ in range(reps if cuda else cpu_reps):
+    device, wall = [], []
+    for _ in range(reps):
+        w = time.perf_counter()
         if cuda:
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             fn()
             e.record()
             torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
+            device.append(s.elapsed_time(e))
         else:
-            t = time.perf_counter()
             fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return round(statistics.median(times), 3)
+        wall.append((time.perf_counter() - w) * 1e3)
+    return (device if cuda else wall), wall
+
+
+def median_ms(fn, reps: int, cuda: bool, warmup: int = 3, cpu_reps: int = 2) -> float:
+    """Median milliseconds of `fn()` over `reps` calls after `warmup` calls; on the CPU (`cuda` false) over
+    `cpu_reps` calls, timed by the wall clock."""
+    return round(statistics.median(samples_ms(fn, reps if cuda else cpu_reps, cuda, warmup)[0]), 3)
