@@ -213,6 +213,25 @@ def graphed(fn, *static_args):
 
 # ---------------------------------------------------------------------------------------------- klein step
 
+def fast_beside_peer(label, graphed_step, plain, exact, ref, f_ref, ref_eager):
+    """Our shipped step (compiled + CUDA graph) timed, then the diffusers transformer compiled
+    (`compile_repeated_blocks(fullgraph=True)`) and timed; both checked against our eager output and float32."""
+    f_fast, cache = graphed_step
+    put("ours_ms", timeit(f_fast))
+    variant("graph_replays", cache.replays)
+    variant("graph_failed", cache.failed)
+    fast = f_fast()
+    check(f"{label} ours fast (compiled + graph) vs ours eager", fast, plain)
+    check(f"{label} ours fast (compiled + graph) vs float32", fast, exact)
+    with torch.inference_mode():
+        ref.compile_repeated_blocks(fullgraph=True)
+        out, t = timed_first(f_ref)
+        variant("diffusers_compile_s", t)
+        check(f"{label} diffusers compiled vs diffusers eager (yardstick)", out, ref_eager)
+        check(f"{label} diffusers compiled vs float32", out, exact)
+        put("diffusers_compiled_ms", timeit(f_ref))
+
+
 def klein_inputs(cfg, nref):
     from flux_core.torch.klein import position_ids, text_ids
 
@@ -259,20 +278,8 @@ def part_klein_step():
     out, t = timed_first(f_ours)
     variant("compile_attention_outside_s", t)
     variant("ours_compiled_attention_outside_ms", timeit(f_ours))
-    f_fast, cache = graphed(step, x, sig)
-    put("ours_ms", timeit(f_fast))
-    variant("graph_replays", cache.replays)
-    variant("graph_failed", cache.failed)
-    fast = f_fast()
-    check("klein ours fast (compiled + graph) vs ours eager", fast, plain)
-    check("klein ours fast (compiled + graph) vs float32", fast, exact)
+    fast_beside_peer("klein", graphed(step, x, sig), plain, exact, ref, f_ref, ref_eager)
     with torch.inference_mode():
-        ref.compile_repeated_blocks(fullgraph=True)
-        out, t = timed_first(f_ref)
-        variant("diffusers_compile_s", t)
-        check("klein diffusers compiled vs diffusers eager (yardstick)", out, ref_eager)
-        check("klein diffusers compiled vs float32", out, exact)
-        put("diffusers_compiled_ms", timeit(f_ref))
         # + one 1024² reference image (8192 + 512 tokens)
         x1, ids1, _, _, _ = klein_inputs(cfg, 1)
         pe1 = ours.make_pe(ids1[None], tids[None])
@@ -328,19 +335,7 @@ def part_zimage_step():
     out, tc = timed_first(f_ours)
     variant("compile_s", tc)
     variant("ours_compiled_ms", timeit(f_ours))
-    f_fast, cache = graphed(step, x, t)
-    put("ours_ms", timeit(f_fast))
-    variant("graph_failed", cache.failed)
-    fast = f_fast()
-    check("zimage ours fast (compiled + graph) vs ours eager", fast, plain)
-    check("zimage ours fast (compiled + graph) vs float32", fast, exact)
-    with torch.inference_mode():
-        ref.compile_repeated_blocks(fullgraph=True)
-        out, tc = timed_first(f_ref)
-        variant("diffusers_compile_s", tc)
-        check("zimage diffusers compiled vs diffusers eager (yardstick)", out, ref_eager)
-        check("zimage diffusers compiled vs float32", out, exact)
-        put("diffusers_compiled_ms", timeit(f_ref))
+    fast_beside_peer("zimage", graphed(step, x, t), plain, exact, ref, f_ref, ref_eager)
 
 
 # ---------------------------------------------------------------------------------------------- Qwen3 + VAE
