@@ -372,7 +372,7 @@ def micro_rope(name: str, heads: int, d: int, L: int):
     """The RoPE rotation of one q (or k) [1, L, H, d] with float32 tables: MLX eager (what mx.compile has to fuse),
     MLX mx.compile'd alone, and torch's eager formula (klein.apply_rope; inside our compiled blocks torch fuses it)."""
     from flux_core.mlx.common import apply_rope, to_mx, to_numpy
-    from flux_core.torch.klein import apply_rope as torch_rope
+    from flux_core.torch.klein import apply_rope as torch_rope, rope_pairs
 
     g = torch.Generator("cpu").manual_seed(6)
     x = torch.randn(1, L, heads, d, generator=g).to(TDT)
@@ -386,7 +386,7 @@ def micro_rope(name: str, heads: int, d: int, L: int):
             round(time_mlx(lambda: [apply_rope(mxx, cos, sin) for _ in range(INNER)]) / INNER, 4))
     variant(f"{name}_rope_L{L}_mlx_compiled_ms",
             round(time_mlx(lambda: [compiled(mxx, cos, sin) for _ in range(INNER)]) / INNER, 4))
-    tx, tpe = x.to(TDEV), pe.to(TDEV)
+    tx, tpe = x.to(TDEV), rope_pairs(pe).to(TDEV)
     with torch.inference_mode():
         ev, _ = time_torch(lambda: [torch_rope(tx, tpe) for _ in range(INNER)])
         variant(f"{name}_rope_L{L}_torch_eager_ms", round(ev / INNER, 4))

@@ -121,7 +121,7 @@ class DoubleStreamBlock(nn.Module):
         self.img_mlp, self.txt_mlp = _mlp(cfg), _mlp(cfg)
 
     def forward(self, img, txt, mod_img, mod_txt, pe):
-        """img [B, N, D], txt [B, T, D]; mod_* = 6 chunks [B, 1, D]; pe [B', T+N, d/2, 2]."""
+        """img [B, N, D], txt [B, T, D]; mod_* = 6 chunks [B, 1, D]; pe [B', T+N, d/2, 2, 2] (`rope_pairs`)."""
         i_shift, i_scale, i_gate, i_shift2, i_scale2, i_gate2 = mod_img
         t_shift, t_scale, t_gate, t_shift2, t_scale2, t_gate2 = mod_txt
         n_txt = txt.shape[1]   # RoPE is per token: each stream is rotated with its own rows of the joint table
@@ -213,7 +213,7 @@ class Flux2Transformer(nn.Module):
         txt = self.txt_in(txt.to(dtype))
         if pe is None:
             pe = self.make_pe(img_ids, txt_ids)
-        pe = pe.to(img.device)
+        pe = rope_pairs(pe.to(img.device))   # once per forward: the blocks' rotation factors
 
         # 3. double-stream blocks, then 4. single-stream blocks over [txt, img]
         for block in self.double_blocks:
@@ -259,23 +259,39 @@ def attention(q, k, v):
 
 
 def norm_rope(x, norm: RMSNorm, pe):
-    """Per-head RMSNorm, then RoPE. Eager: torch's rms_norm kernel, then the pair rotation (bit-equal to diffusers).
-    Inside compiled code the same arithmetic is written as one row-wise expression (statistics in float32, the
-    normed value rounded to the dtype as eager rounds it, then x*C + swap(x)*S) that inductor can fuse: the
-    rms_norm + stack form compiled to three kernels (q norm, k norm, rotation; H200, torch 2.11), and the rewrite
-    took the 1024² step from 59.6 to 58.8 ms."""
+    """Per-head RMSNorm, then RoPE; pe [B', L, d/2, 2, 2] from `rope_pairs`. Eager: torch's rms_norm kernel, then
+    `apply_rope`. Inside compiled code the same arithmetic is written as one row-wise expression (statistics in
+    float32, the normed value rounded to the dtype as eager rounds it, then x*C + swap(x)*S) that inductor can fuse:
+    the rms_norm + stack form compiled to three kernels (q norm, k norm, rotation; H200, torch 2.11), and the
+    rewrite took the 1024² step from 59.6 to 58.8 ms."""
     if not torch.compiler.is_compiling():
         return apply_rope(norm(x), pe)
     xf = x.float()
     xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.scale.float()).to(x.dtype)
-    return rotate_pairs(xn.float(), pe[:, :, None, :, 0], pe[:, :, None, :, 1]).to(x.dtype)
+    return rotate_pairs(xn.float(), pe[:, :, None, :, 0, 0], pe[:, :, None, :, 0, 1]).to(x.dtype)
+
+
+def rope_pairs(pe):
+    """(cos, sin) table [B', L, d/2, 2] -> rotation factors [B', L, d/2, 2, 2]: row 0 = (cos, sin) multiplies each
+    pair's first value, row 1 = (-sin, cos) its second, so (x0, x1) -> x0 * row0 + x1 * row1 =
+    (x0 cos - x1 sin, x0 sin + x1 cos). Built once per forward (a few MB) so every block rotates in two kernels."""
+    cos, sin = pe.unbind(-1)
+    return torch.stack([pe, torch.stack([-sin, cos], dim=-1)], dim=-2)
 
 
 def apply_rope(x, pe):
-    """Rotate interleaved pairs (x[2j], x[2j+1]) in float32. x [B, L, H, d]; pe [B', L, d/2, 2] (cos, sin)."""
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = pe[:, :, None, :, 0], pe[:, :, None, :, 1]
-    return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2).to(x.dtype)
+    """Rotate interleaved pairs (x[2j], x[2j+1]) in float32. x [B, L, H, d]; pe [B', L, d/2, 2, 2] (`rope_pairs`).
+
+    Two kernels and a cast (the ComfyUI form): out = x0 * (cos, sin), then out += x1 * (-sin, cos) in place, the
+    bf16 x read and widened inside each kernel. The products and sums are diffusers' (x0 cos + (-x1) sin,
+    x1 cos + x0 sin), so float32 results are equal; on CUDA the in-place multiply-add may round once (FMA), a
+    float32 ulp. The earlier form (upcast, unbind, four products, two sums, stack: ~9 kernels over a float32 copy
+    of q or k) moved ~2.5x the memory per tensor."""
+    xp = x.unflatten(-1, (-1, 2))
+    t = pe[:, :, None]
+    out = xp[..., :1] * t[..., 0, :]
+    out.addcmul_(xp[..., 1:], t[..., 1, :])
+    return out.flatten(-2).to(x.dtype)
 
 
 def rope_table(img_ids, txt_ids, axes_dim, theta):

@@ -50,8 +50,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # statistics in float32, cast back before the weight (as diffusers); F.rms_norm is one fused kernel
-        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(self.weight.dtype) * self.weight
+        # torch's rms_norm keeps the statistics and x * rsqrt(.) in float32 and rounds once to x's dtype: diffusers'
+        # normalised value. The weight multiply follows in the weight dtype (diffusers' order). Upcasting x first
+        # (the earlier form) added a float32 copy and a cast per norm: ~3x the memory traffic of the norm, and
+        # ~200 norms of 4608 x 3840 per 1024² step.
+        return F.rms_norm(x, (x.shape[-1],), None, self.eps).to(self.weight.dtype) * self.weight
 
 
 class Attention(nn.Module):
