@@ -131,16 +131,26 @@ def test_gguf_image_equals_gguf_dequantized_weights(world, kind, qtype):
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q8_0", "Q5_0", "BF16"])
 def test_gguf_klein_forward_equals_the_dequantized_weights_exactly(world, qtype):
     """The GGUF transformer (weights kept in blocks, dequantized in each forward) vs the same weights dequantized by
-    gguf-py and loaded as plain float32 Linears: the same numbers go into the same matmuls, so outputs are equal."""
+    gguf-py and loaded as plain float32 Linears: every matmul gets bit for bit the same weight, and the outputs agree
+    to float32 round-off. (Not bit for bit: MKL's M=1 products, here time_in, round differently with the operands'
+    addresses mod 16 bytes, which differ between two model instances; docs/NOTES.md.)"""
     from flux_core.torch.klein import position_ids, text_ids
 
     path, ref_path = gguf_pair(world, "klein", qtype)
     got, want = load_t(path).module, load_t(ref_path).module
+    ref, checked = want.state_dict(), 0
+    for name, m in got.named_modules():
+        w = m.dequantize() if isinstance(m, TG.GGUFLinear) else getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and f"{name}.weight" in ref:
+            assert torch.equal(w.float(), ref[f"{name}.weight"]), name
+            checked += 1
+    assert checked >= len([k for k in ref if k.endswith(".weight") and "blocks" in k])
     g = torch.Generator().manual_seed(2)
     img, txt = torch.randn(1, 12, PF.KLEIN["in_channels"], generator=g), torch.randn(1, 5, 768, generator=g)
     args = (img, position_ids(3, 4)[None], txt, text_ids(5)[None], torch.tensor([0.7]))
     with torch.inference_mode():
-        assert torch.equal(got(*args), want(*args))
+        a, b = got(*args), want(*args)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-6
 
 
 def test_gguf_detection_and_names(world):

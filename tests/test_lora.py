@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import rel_err
 from lora_fixtures import Fixture, expected_weights, klein_fixtures, save, zimage_fixtures
 
 from flux_core import models
@@ -315,7 +316,10 @@ def test_offloaded_model_merges_into_the_host_masters(klein, mode):
     plain = models.with_loras(tr, [(klein["files"]["kohya"], 0.9)])
     with torch.inference_mode():
         want = tr.module(*args).clone()
+    merged = {k: v.clone() for k, v in tr.module.state_dict().items()}
     models.with_loras(tr)
+    with torch.inference_mode():
+        base_out = tr.module(*args).clone()
     import copy as _copy
 
     twin = _copy.deepcopy(tr.module)
@@ -327,5 +331,10 @@ def test_offloaded_model_merges_into_the_host_masters(klein, mode):
         got = twin(*args)
         off.to_state("host")
         again = twin(*args)   # remade from the host masters
-    assert torch.equal(got, want) and torch.equal(again, want)
+    # The merged weights are bit for bit the plain merge's; the outputs are compared with a tolerance because
+    # two model instances on the CPU need not round alike: MKL's M=1 products (time_in) depend on where the
+    # operands sit in memory (docs/NOTES.md). A merge that vanished would give the LoRA-free output, far outside it.
+    assert all(torch.equal(v, merged[k]) for k, v in twin.state_dict().items())
+    assert rel_err(got, want) < 1e-5 and rel_err(again, want) < 1e-5
+    assert rel_err(base_out, want) > 1e-3
     assert plain.loras
