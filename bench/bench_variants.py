@@ -13,6 +13,9 @@ every measurement, so a timeout keeps what was measured:
   autotune  the klein blocks compiled with mode="max-autotune-no-cudagraphs" (Triton GEMM templates with epilogue /
             prologue fusion): bf16 and int8 weight-only (dequantization fused into the GEMM's prologue, if inductor
             does it).
+  eager     where the EAGER klein and Z-Image steps (compile off: the nodes' default) spend GPU time, kernel time by
+            kind and the top kernels; and SDPA on klein's shapes with q / k / v token-major views (ours) against
+            head-major contiguous tensors (ComfyUI's layout).
   outliers  fp8 (W8A8 through torch._scaled_mm) and int8 step error against bf16 eager on weights with heavy channels
             (0.5 % of input columns and output rows scaled up, as trained weights have), eager, full size.
 Method as bench/bench_summary.py: bf16 weights N(0, 0.02), 1-D norm scales N(1, 0.02); CUDA events; median of --reps.
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SECTIONS = ("profile", "emulate", "outliers", "autotune")  # default set; zprofile on request
-LIMITS = {"profile": 120, "zprofile": 150, "fp8profile": 120, "emulate": 150, "autotune": 300, "outliers": 120}
+LIMITS = {"eager": 120, "profile": 120, "zprofile": 150, "fp8profile": 120, "emulate": 150, "autotune": 300, "outliers": 120}
 
 P = argparse.ArgumentParser()
 P.add_argument("--sections", default=",".join(SECTIONS))
@@ -230,8 +233,32 @@ def section_zprofile():
     profile_step(step, x, t, "zimage")
 
 
-def profile_step(step, x, t, label):
-    """Kernel time per step by kind (torch.profiler over 3 compiled, ungraphed steps) and the top kernels."""
+def section_eager():
+    import torch.nn.functional as F
+
+    for build, label in ((klein, "klein"), (zimage, "zimage")):
+        m, step, x, t = build()
+        with torch.inference_mode():
+            put(f"{label}_eager_ms", timeit(lambda: step(x, t)))
+        profile_step(step, x, t, label, "eager")
+        del m
+        if GPU:
+            torch.cuda.empty_cache()
+    if not GPU:
+        return
+    g = torch.Generator(DEV).manual_seed(3)
+    tok = [torch.randn(1, 4608, 24, 128, generator=g, device=DEV).to(DT) for _ in range(3)]
+    head = [a.transpose(1, 2).contiguous() for a in tok]
+    with torch.inference_mode():
+        views = [a.transpose(1, 2) for a in tok]
+        put("sdpa_klein_token_major_views_ms", timeit(lambda: F.scaled_dot_product_attention(*views)))
+        put("sdpa_klein_head_major_ms", timeit(lambda: F.scaled_dot_product_attention(*head)))
+        put("sdpa_layouts_equal", bool(torch.equal(F.scaled_dot_product_attention(*views),
+                                                   F.scaled_dot_product_attention(*head))))
+
+
+def profile_step(step, x, t, label, how="compiled, ungraphed"):
+    """Kernel time per step by kind (torch.profiler over 3 steps as they are: compiled or not) and the top kernels."""
     if not GPU:
         return
     from torch.autograd import DeviceType
@@ -250,7 +277,7 @@ def profile_step(step, x, t, label):
         k = kind_of(ev.key)
         per_kind[k] = per_kind.get(k, 0) + dev_us / 3e3
         top.append((round(dev_us / 3e3, 3), ev.count // 3, k, ev.key[:90]))
-    put(f"{label}_ms_per_step_by_kind (compiled, ungraphed)", {k: round(v, 2) for k, v in sorted(per_kind.items())})
+    put(f"{label}_ms_per_step_by_kind ({how})", {k: round(v, 2) for k, v in sorted(per_kind.items())})
     put(f"{label}_top_kernels [ms/step, calls/step, kind, name]", sorted(top, reverse=True)[:40])
 
 

@@ -8,5 +8,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv > "$OUT/smi.txt"
 cat "$OUT/smi.txt"
+# GPU clocks, power and temperature every 0.5 s beside the run ($OUT/clocks.csv, UTC timestamps): a slow image can
+# then be checked against the clocks of that moment. log.txt starts with the UTC time its [0.0s] stands for.
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu \
+  --format=csv,nounits -lms 500 > "$OUT/clocks.csv" 2>/dev/null &
+SMI=$!
+trap 'kill $SMI 2>/dev/null' EXIT
 set -o pipefail
-python3 bench/bench_summary.py --out "$OUT" "$@" 2>&1 | grep --line-buffered -v -E "UserWarning|warnings.warn" | tee "$OUT/log.txt"
+{ echo "[   0.0s] start $(date -u +%Y/%m/%d\ %H:%M:%S.%N)"; python3 bench/bench_summary.py --out "$OUT" "$@" 2>&1; } |
+  grep --line-buffered -v -E "UserWarning|warnings.warn" | tee "$OUT/log.txt"
