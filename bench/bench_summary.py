@@ -243,6 +243,30 @@ def klein_inputs(cfg, nref):
     return x, ids, txt, text_ids(512).to(DEV), torch.tensor([0.9], device=DEV)
 
 
+def without_kernels(fn):
+    """fn() with the eager path's Triton kernel off (flux_core/torch/kernels.py): the torch ops it replaces."""
+    from flux_core.torch import kernels
+
+    kernels.ENABLED = False
+    try:
+        return fn()
+    finally:
+        kernels.ENABLED = True
+
+
+def torch_ops_eager(name, f_ours, plain, ref_eager):
+    """Our eager step on the torch ops instead of the Triton kernel, in the same process: what the kernel buys, and
+    that both compute the same function (the torch ops are what diffusers runs)."""
+    from flux_core.torch import kernels
+
+    if not (kernels.triton is not None and DEV.type == "cuda"):
+        return
+    ops = without_kernels(f_ours)
+    check(f"{name} ours eager, Triton kernel vs torch ops", plain, ops)
+    check(f"{name} ours eager on torch ops vs diffusers eager", ops, ref_eager)
+    variant("ours_eager_torch_ops_ms", without_kernels(lambda: timeit(f_ours)))
+
+
 def part_klein_step():
     from flux_core.torch import common, quant
     from flux_core.torch.klein import load_klein
@@ -264,6 +288,7 @@ def part_klein_step():
     check("klein ours eager (bf16) vs the same weights in float32 (what bf16 itself costs)", plain, exact)
     put("diffusers_eager_ms", timeit(f_ref))
     variant("ours_eager_ms", timeit(f_ours))
+    torch_ops_eager("klein", f_ours, plain, ref_eager)
     if not COMPILE:
         REC["notes"].append("tiny CPU run: compiled variants skipped")
         f_fast, cache = graphed(step, x, sig)
@@ -328,6 +353,7 @@ def part_zimage_step():
         check("zimage ours eager (bf16) vs the same weights in float32", plain, exact)
         put("diffusers_eager_ms", timeit(f_ref))
         variant("ours_eager_ms", timeit(f_ours))
+        torch_ops_eager("zimage", f_ours, plain, ref_eager)
     if not COMPILE:
         REC["notes"].append("tiny CPU run: compiled variants skipped")
         return

@@ -516,6 +516,8 @@ def _klein_part(cfg, size, DEV, DT, compile_ok, timeit, check, put, variant):
         if not tag:
             variant("ours_klein_eager_ms (same process)",
                     timeit(lambda: ours(x, ids[None], txt, tids[None], sig, pe=pe)))
+            variant("ours_klein_eager_torch_ops_ms (same process)",
+                    _torch_ops(lambda: timeit(lambda: ours(x, ids[None], txt, tids[None], sig, pe=pe))))
         if compiled is None:
             continue
         fast = lambda: compiled(*args, **kw)  # noqa: E731
@@ -524,6 +526,17 @@ def _klein_part(cfg, size, DEV, DT, compile_ok, timeit, check, put, variant):
         check(f"klein{tag} comfyui compiled vs comfyui eager (yardstick)", got, out)
         check(f"klein{tag} comfyui compiled vs ours eager", got.flatten(2).transpose(1, 2), want)
         put(f"comfyui_klein{tag}_compiled_ms", timeit(fast))
+
+
+def _torch_ops(fn):
+    """fn() with our eager path's Triton kernel off (flux_core/torch/kernels.py)."""
+    from flux_core.torch import kernels
+
+    kernels.ENABLED = False
+    try:
+        return fn()
+    finally:
+        kernels.ENABLED = True
 
 
 def _zimage_part(cfg, size, DEV, DT, compile_ok, timeit, check, put, variant):
@@ -539,6 +552,8 @@ def _zimage_part(cfg, size, DEV, DT, compile_ok, timeit, check, put, variant):
     check("zimage comfyui eager vs ours eager (sign flipped)", -out, want)
     put("comfyui_zimage_eager_ms", timeit(eager))
     variant("ours_zimage_eager_ms (same process)", timeit(lambda: ours(x, t, [cap], rope_cache=rope)))
+    variant("ours_zimage_eager_torch_ops_ms (same process)",
+            _torch_ops(lambda: timeit(lambda: ours(x, t, [cap], rope_cache=rope))))
     if not compile_ok:
         return
     compiled = compile_like_node(comfy)

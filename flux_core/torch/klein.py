@@ -36,6 +36,7 @@ from torch import nn
 from ..configs import KleinConfig, klein_position_ids, klein_text_ids
 from ..weights import klein as klein_keys
 from ..weights.io import as_checkpoint
+from . import kernels
 from .common import load_into_torch, rotate_pairs, sdpa, timestep_embedding
 
 logger = logging.getLogger(__name__)
@@ -259,12 +260,15 @@ def attention(q, k, v):
 
 
 def norm_rope(x, norm: RMSNorm, pe):
-    """Per-head RMSNorm, then RoPE; pe [B', L, d/2, 2, 2] from `rope_pairs`. Eager: torch's rms_norm kernel, then
-    `apply_rope`. Inside compiled code the same arithmetic is written as one row-wise expression (statistics in
-    float32, the normed value rounded to the dtype as eager rounds it, then x*C + swap(x)*S) that inductor can fuse:
-    the rms_norm + stack form compiled to three kernels (q norm, k norm, rotation; H200, torch 2.11), and the
-    rewrite took the 1024² step from 59.6 to 58.8 ms."""
+    """Per-head RMSNorm, then RoPE; pe [B', L, d/2, 2, 2] from `rope_pairs`. Eager: on CUDA one Triton kernel
+    (`kernels.norm_rope`), elsewhere torch's rms_norm kernel, then `apply_rope`. Inside compiled code the same
+    arithmetic is written as one row-wise expression (statistics in float32, the normed value rounded to the dtype
+    as eager rounds it, then x*C + swap(x)*S) that inductor can fuse: the rms_norm + stack form compiled to three
+    kernels (q norm, k norm, rotation; H200, torch 2.11), and the rewrite took the 1024² step from 59.6 to 58.8 ms."""
     if not torch.compiler.is_compiling():
+        if kernels.usable(x, norm.scale):   # CUDA eager: one Triton kernel (kernels.py)
+            return kernels.norm_rope(x, norm.scale, pe[..., 0, 0], pe[..., 0, 1], norm.eps,
+                                     round_before_weight=False)
         return apply_rope(norm(x), pe)
     xf = x.float()
     xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.scale.float()).to(x.dtype)

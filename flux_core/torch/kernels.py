@@ -1,0 +1,97 @@
+"""Hand-written Triton kernels for the EAGER torch path on CUDA (compile off, the loader nodes' default).
+
+With compile on, inductor already fuses these steps; eager torch runs each op as its own kernel over a float32 copy.
+One kernel here replaces the per-head q / k RMSNorm and the RoPE rotation that follows it (klein and Z-Image):
+
+    x [B, L, H, d] (any strides, last dim contiguous), norm weight [d], cos / sin [B' or B, L, d/2]
+      -> out [B, L, H, d] contiguous, in x's dtype
+
+Per row of d values: r = rsqrt(mean(x²) + eps) in float32, then the normed value as the eager op rounds it --
+klein `F.rms_norm(x, w)`: dtype(x·r·w); Z-Image (diffusers' RMSNorm): dtype(dtype(x·r)·w) -- then the rotation of
+each interleaved pair (n0, n1) -> (n0·cos - n1·sin, n0·sin + n1·cos) in float32, rounded once to the dtype. The
+same arithmetic as the torch ops, up to the order of the 128-term sum and fused multiply-adds (float32 round-off;
+a bf16 rounding flips rarely). H200 profile of the eager klein step before this kernel (bench_variants `eager`):
+rms_norm, the two rotation kernels and the cast took ~15 ms of 77 ms.
+
+Used only where it can run: a CUDA tensor in bf16 / fp16, Triton importable, nothing asking for gradients, not
+inside torch.compile (inductor fuses its own) -- everything else takes the torch ops. FLUXCORE_TRITON=0 turns it off
+(`ENABLED`; a benchmark flips it to time both in one process).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch on Linux; CPU, MPS and most Windows installs have none
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 -- any import failure means: use the torch ops
+    triton = None
+
+ENABLED = os.environ.get("FLUXCORE_TRITON", "1") != "0"
+ROWS_PER_PROGRAM = 16
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `norm_rope` may run for this q / k tensor and norm weight (else the caller uses the torch ops)."""
+    d = x.shape[-1]
+    return (ENABLED and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and weight.shape == (d,)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))   # no autograd here
+            and not torch.compiler.is_compiling()
+            and d >= 2 and (d & (d - 1)) == 0)   # head_dim a power of two (tl.arange); klein, Z-Image: 128
+
+
+def norm_rope(x, weight, cos, sin, eps: float, round_before_weight: bool):
+    """RMSNorm over the last dim, then RoPE on interleaved pairs, in one kernel. x [B, L, H, d]; weight [d];
+    cos, sin [B' or B, L, d/2] (B' = 1 broadcasts). `round_before_weight`: Z-Image's norm (round, then weight);
+    otherwise klein's (one rounding after the weight)."""
+    B, L, H, D = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.expand(B, L, D // 2), sin.expand(B, L, D // 2)
+    if cos.stride(-1) != 1 or sin.stride(-1) != 1 or cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    weight = weight.contiguous()
+    out = torch.empty((B, L, H, D), dtype=x.dtype, device=x.device)
+    rows = B * L * H
+    if rows:
+        grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
+        _norm_rope_kernel[grid](x, weight, cos, sin, out, rows, H, L,
+                                x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
+                                float(eps), D=D, ROUND_BEFORE_WEIGHT=round_before_weight,
+                                BLOCK_R=ROWS_PER_PROGRAM, num_warps=4)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _norm_rope_kernel(X, W, COS, SIN, OUT, n_rows, H, L, sxb, sxl, sxh, scb, scl, eps,
+                          D: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        live = rows < n_rows
+        h = rows % H
+        l_ = (rows // H) % L
+        b = rows // (H * L)
+        j = tl.arange(0, D // 2)
+        m = live[:, None]
+        src = X + (b * sxb + l_ * sxl + h * sxh)[:, None] + 2 * j[None, :]
+        x0 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        x1 = tl.load(src + 1, mask=m, other=0.0).to(tl.float32)
+        r = tl.rsqrt((tl.sum(x0 * x0, 1) + tl.sum(x1 * x1, 1)) / D + eps)[:, None]
+        w0 = tl.load(W + 2 * j).to(tl.float32)[None, :]
+        w1 = tl.load(W + 2 * j + 1).to(tl.float32)[None, :]
+        dt = OUT.dtype.element_ty
+        if ROUND_BEFORE_WEIGHT:
+            n0 = ((x0 * r).to(dt).to(tl.float32) * w0).to(dt).to(tl.float32)
+            n1 = ((x1 * r).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+        else:
+            n0 = (x0 * r * w0).to(dt).to(tl.float32)
+            n1 = (x1 * r * w1).to(dt).to(tl.float32)
+        t = (b * scb + l_ * scl)[:, None] + j[None, :]
+        c = tl.load(COS + t, mask=m, other=0.0).to(tl.float32)
+        s = tl.load(SIN + t, mask=m, other=0.0).to(tl.float32)
+        dst = OUT + rows[:, None] * D + 2 * j[None, :]
+        tl.store(dst, (n0 * c - n1 * s).to(dt), mask=m)
+        tl.store(dst + 1, (n0 * s + n1 * c).to(dt), mask=m)
