@@ -466,10 +466,11 @@ def tiny_check(comfy_dir) -> dict:
 def part_comfy_native(A, DEV, DT, timeit, check, put, variant, klein_cfg, zimage_cfg, models=("klein", "zimage")):
     """bench_summary part: ComfyUI's native klein-4B and Z-Image-Turbo steps at 1024² (eager and compiled like
     TorchCompileModel) beside our eager output, one model resident at a time. COMFYUI_DIR (default .dev/comfyui).
-    Whole-model inductor compiles take minutes: `models` lets two bench parts split the work."""
+    Whole-model inductor compiles take minutes: `models` lets two bench parts split the work, and
+    COMFY_NATIVE_EAGER_ONLY=1 leaves the compiled models out (an eager comparison in a short call)."""
     variant("comfyui_setup", dict(add_comfy_to_path(os.environ.get("COMFYUI_DIR", ROOT / ".dev" / "comfyui"))))
     variant("comfyui_detection", detection_check())
-    compile_ok = DEV.type == "cuda"
+    compile_ok = DEV.type == "cuda" and os.environ.get("COMFY_NATIVE_EAGER_ONLY") != "1"
     size = 64 if A.tiny else 1024
     if "klein" in models:
         _klein_part(klein_config(klein_cfg()), size, DEV, DT, compile_ok, timeit, check, put, variant)

@@ -30,7 +30,8 @@ except Exception:  # noqa: BLE001 -- any import failure means: use the torch ops
     triton = None
 
 ENABLED = os.environ.get("FLUXCORE_TRITON", "1") != "0"
-ROWS_PER_PROGRAM = 16
+ROWS_PER_PROGRAM = 16   # rows of head_dim values per program; bench_variants `eager` times other choices
+NUM_WARPS = 4
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -61,7 +62,7 @@ def norm_rope(x, weight, cos, sin, eps: float, round_before_weight: bool):
         _norm_rope_kernel[grid](x, weight, cos, sin, out, rows, H, L,
                                 x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
                                 float(eps), D=D, ROUND_BEFORE_WEIGHT=round_before_weight,
-                                BLOCK_R=ROWS_PER_PROGRAM, num_warps=4)
+                                BLOCK_R=ROWS_PER_PROGRAM, num_warps=NUM_WARPS)
     return out
 
 
@@ -69,29 +70,27 @@ if triton is not None:
     @triton.jit
     def _norm_rope_kernel(X, W, COS, SIN, OUT, n_rows, H, L, sxb, sxl, sxh, scb, scl, eps,
                           D: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr, BLOCK_R: tl.constexpr):
+        # BLOCK_R rows of D contiguous values each: whole rows are loaded and stored (vector accesses), and the
+        # pairs (x[2j], x[2j+1]) are split and joined in registers
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         live = rows < n_rows
         h = rows % H
         l_ = (rows // H) % L
         b = rows // (H * L)
-        j = tl.arange(0, D // 2)
+        k = tl.arange(0, D)
         m = live[:, None]
-        src = X + (b * sxb + l_ * sxl + h * sxh)[:, None] + 2 * j[None, :]
-        x0 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-        x1 = tl.load(src + 1, mask=m, other=0.0).to(tl.float32)
-        r = tl.rsqrt((tl.sum(x0 * x0, 1) + tl.sum(x1 * x1, 1)) / D + eps)[:, None]
-        w0 = tl.load(W + 2 * j).to(tl.float32)[None, :]
-        w1 = tl.load(W + 2 * j + 1).to(tl.float32)[None, :]
+        x = tl.load(X + (b * sxb + l_ * sxl + h * sxh)[:, None] + k[None, :], mask=m, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+        w = tl.load(W + k).to(tl.float32)[None, :]
         dt = OUT.dtype.element_ty
         if ROUND_BEFORE_WEIGHT:
-            n0 = ((x0 * r).to(dt).to(tl.float32) * w0).to(dt).to(tl.float32)
-            n1 = ((x1 * r).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+            n = ((x * r).to(dt).to(tl.float32) * w).to(dt).to(tl.float32)
         else:
-            n0 = (x0 * r * w0).to(dt).to(tl.float32)
-            n1 = (x1 * r * w1).to(dt).to(tl.float32)
+            n = (x * r * w).to(dt).to(tl.float32)
+        n0, n1 = tl.split(tl.reshape(n, (BLOCK_R, D // 2, 2)))
+        j = tl.arange(0, D // 2)
         t = (b * scb + l_ * scl)[:, None] + j[None, :]
         c = tl.load(COS + t, mask=m, other=0.0).to(tl.float32)
         s = tl.load(SIN + t, mask=m, other=0.0).to(tl.float32)
-        dst = OUT + rows[:, None] * D + 2 * j[None, :]
-        tl.store(dst, (n0 * c - n1 * s).to(dt), mask=m)
-        tl.store(dst + 1, (n0 * s + n1 * c).to(dt), mask=m)
+        out = tl.reshape(tl.join(n0 * c - n1 * s, n0 * s + n1 * c), (BLOCK_R, D))
+        tl.store(OUT + rows[:, None] * D + k[None, :], out.to(dt), mask=m)
