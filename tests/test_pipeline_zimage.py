@@ -128,3 +128,19 @@ def test_wrong_pairings_are_clear_errors(setup):
         pipeline.sample(tr, cond, width=32, height=32)
     with pytest.raises(ConfigError, match="reference"):
         pipeline.generate(tr, te, vae, PROMPT, references=[Image.new("RGB", (64, 64))])
+
+
+def test_rope_tables_are_built_once_per_layout(setup, monkeypatch):
+    """Building Z-Image's RoPE tables is host work (position ids and angles on the CPU) that left the GPU idle
+    ~95 ms before the first step of a generation (H200, docs/PERF.md): a second generation of the same layout must
+    reuse them, a new size must build new ones, and the images must not change."""
+    tr, te, vae = _ours(setup)
+    built = []
+    real = tr.module.make_rope
+    monkeypatch.setattr(tr.module, "make_rope", lambda *a, **k: built.append(a) or real(*a, **k))
+    kw = dict(width=32, height=32, steps=2, seed=3)
+    first = pipeline.generate(tr, te, vae, PROMPT, **kw).images[0]
+    again = pipeline.generate(tr, te, vae, PROMPT, **kw).images[0]
+    assert len(built) == 1 and np.array_equal(np.asarray(first), np.asarray(again))
+    pipeline.generate(tr, te, vae, PROMPT, width=48, height=32, steps=2, seed=3)
+    assert len(built) == 2
