@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from summary_report import summarize  # noqa: E402
+from summary_report import merge_mlx, summarize  # noqa: E402
 
 PARTS = ("klein_step", "qwen3_vae", "klein_image", "zimage", "zimage_image")
 LIMITS = {"klein_step": 240, "zimage_step": 150, "qwen3_vae": 150, "klein_image": 150, "zimage_image": 200,
@@ -60,8 +60,12 @@ P.add_argument("--image-procs", type=int, default=3)
 P.add_argument("--reps", type=int, default=10)
 P.add_argument("--image-reps", type=int, default=4)
 P.add_argument("--budget", type=float, default=600.0, help="seconds for all parts together")
-P.add_argument("--merge", nargs="*", default=[], help="earlier parts.json files: workloads not run now come from them")
-P.add_argument("--mlx", help="mlx_cuda.json from bench/run_mlx_cuda.sh (the MLX-CUDA workload, its own call)")
+P.add_argument("--merge", nargs="*", default=[],
+               help="earlier parts.json files, each optionally FILE:part,part (only those parts): workloads not run "
+                    "now come from them, a later file's part replacing an earlier one's")
+P.add_argument("--mlx", nargs="*", default=[],
+               help="mlx_cuda.json files from bench/run_mlx_cuda.sh (the MLX-CUDA workload, its own calls): each "
+                    "family's MLX and torch figures come from the last file that has both")
 P.add_argument("--tiny", action="store_true")
 P.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
 A = P.parse_args()
@@ -79,9 +83,13 @@ def driver():
     work = Path(tempfile.mkdtemp(prefix="fc_summary_"))
     results = {}
     for old in A.merge:
-        results.update(json.loads(Path(old).read_text()).get("parts", {}))
+        path, _, pick = old.partition(":")
+        parts = json.loads(Path(path).read_text()).get("parts", {})
+        for k, runs in parts.items():
+            if not pick or k in pick.split(","):
+                results[k] = [dict(r, call=r.get("call") or Path(path).parent.name) for r in runs]
     if A.mlx:
-        results["mlx_cuda"] = [json.loads(Path(A.mlx).read_text())]
+        results["mlx_cuda"] = [merge_mlx([(Path(f).parent.name, json.loads(Path(f).read_text())) for f in A.mlx])]
     for part in [p for p in A.parts.split(",") if p]:
         procs = A.image_procs if part in ("klein_image", "zimage_image") else 1
         first = 1 if part == "zimage_image" and "zimage" in A.parts.split(",") else 0  # `zimage` ran process 0

@@ -17,7 +17,14 @@ all; `/.dev/` is in .git/info/exclude):
 
 The copy is every *.py of ComfyUI's `comfy/` package (~4.5 MB; no tokenizer data), plus `_site/` with the pure-Python
 files of comfy_kitchen (its 137 MB CUDA extension `_C*.so` left out) and einops. `_site` goes at the END of sys.path,
-so a package the interpreter already has wins.
+so a package the interpreter already has wins. For ComfyUI as a CUDA 13 user runs it, carry comfy_kitchen's own
+wheel in `.whl/` too (40 MB, abi3, installed into /tmp/site by run_summary.sh, ahead of `_site`):
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 -d .whl comfy-kitchen==0.2.24
+
+With it (calls 9-11, 2026-12-02) the kitchen's CUDA backend runs ComfyUI's RoPE and q/k norms: its eager klein step
+went from 79.7 to 71.7 ms, Z-Image from 136.4 to 116.8 ms.
 
 What the model-class import chain needs beyond the standard library and torch (measured: modules imported by
 `comfy.ldm.flux.model`, `comfy.ldm.lumina.model`, `comfy.ops`): einops, numpy, PIL (pillow), psutil, safetensors,
@@ -25,8 +32,9 @@ tqdm, packaging, comfy_kitchen, comfy_aimdo. On the GPU machine's list: einops n
 (packaging comes with transformers). Not there:
   - comfy_kitchen: USED by the forward (flux `math.apply_rope` -> `ck.apply_rope`, Z-Image attention ->
     `ck.rms_rope`), so it cannot be stubbed: its pure-Python part is carried in `_site`. Without its CUDA extension
-    (which ComfyUI also disables on torch builds older than CUDA 13) it runs its "eager" backend: its Triton backend
-    was importable on the H200 but disabled, as ComfyUI leaves it (`comfyui_setup` in the call-8 results). Its ops
+    (which ComfyUI also disables on torch builds older than CUDA 13) it runs its "eager" backend (call 8); with the
+    wheel carried, its CUDA backend (calls 9-11). Its Triton backend is importable on the H200 but disabled, as
+    ComfyUI leaves it (`comfyui_setup` in the results). Its ops
     are torch.library custom ops (opaque to inductor: not fused with their neighbours when compiled).
   - comfy_aimdo: NOT used by a forward with resident weights (only by the dynamic-VRAM loader and by
     `ops.cast_bias_weight` for weights that live in an aimdo "vbar"): stubbed by `add_comfy_to_path` when missing,

@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call -> $OUT/summary.json (issue 12 schema), $OUT/parts.json (every measurement), $OUT/log.txt.
-# Expects the diffusers 0.42.1 wheel in .whl/ at the repo root (carried with the run; see docs/PERF.md).
+# Expects the diffusers 0.42.1 wheel in .whl/ at the repo root (carried with the run; see docs/PERF.md), and for the
+# comfy_native part comfy_kitchen's wheel beside it (bench/comfy_native.py) plus .dev/comfyui.
 # Arguments go to bench/bench_summary.py (e.g. --parts klein_step,qwen3_vae --budget 420).
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -10,6 +10,26 @@ def _get(results, part, key, i=0):
     return runs[i].get(key) if len(runs) > i else None
 
 
+def merge_mlx(runs):
+    """[(label, bench_mlx_cuda.py result), ...] -> one result: for each family the MLX step and the torch step beside
+    it (a pair measured in one call) from the last run that has both; a note names the run each pair came from."""
+    out = dict(runs[-1][1]) if runs else {}
+    out.pop("sources", None)
+    figures, notes = {}, list(out.get("notes", []))
+    for fam in ("klein", "zimage"):
+        for label, r in reversed(runs):
+            m = r.get("mlx_cuda_step_1024_ms") or {}
+            if m.get(f"{fam}_mlx") is not None and m.get(f"{fam}_torch") is not None:
+                figures[f"{fam}_mlx"], figures[f"{fam}_torch"] = m[f"{fam}_mlx"], m[f"{fam}_torch"]
+                notes.append(f"mlx_cuda {fam}: from {label}")
+                out.setdefault("sources", {})[fam] = label
+                break
+        else:
+            figures[f"{fam}_mlx"] = figures[f"{fam}_torch"] = None
+    out["mlx_cuda_step_1024_ms"], out["notes"] = figures, notes
+    return out
+
+
 def summarize(R, env):
     def g(part, key):
         if part.startswith("zimage") and "zimage" in R:
@@ -32,7 +52,8 @@ def summarize(R, env):
                           "outside the compiled regions, each step replayed from a CUDA graph; Qwen3 layers compiled "
                           "and replayed from a CUDA graph; VAE decoder compiled channels-last (compile=True / --compile)",
                   "comfyui_native": "ComfyUI's own model classes (comfy.ldm.flux / comfy.ldm.lumina, snapshot "
-                                    "4f874c5), resident bf16 weights, its default attention, eager; _compiled: "
+                                    "4f874c5), resident bf16 weights, its default attention, comfy_kitchen 0.2.24 "
+                                    "with its CUDA kernels (RoPE, RMSNorm), eager; _compiled: "
                                     "torch.compile of the whole model as its TorchCompileModel node does",
                   "mlx_cuda": "our MLX path on mlx 0.32.4 + mlx-cuda-13 (its step mx.compile'd as the sampler runs "
                               "it) beside our torch compiled step, same weights, one call",
@@ -63,9 +84,15 @@ def summarize(R, env):
         "checks": {p: [c for r in R[p] for c in r.get("checks", [])] for p in R},
         "notes": notes + [n for p in R for r in R[p] for n in r.get("notes", [])],
     }
-    s["sources"] = {p: " ".join(filter(None, (runs[0].get("env", {}).get(k) for k in ("date", "utc")))) or None
-                    for p, runs in R.items()}
-    if "comfy_native" in R and len({s["sources"].get(p) for p in ("klein_step", "comfy_native") if p in R}) > 1:
+    def source(runs):  # the call a part came from (its results folder, when merged) and when its first run began
+        when = " ".join(filter(None, (runs[0].get("env", {}).get(k) for k in ("date", "utc"))))
+        return " ".join(filter(None, (runs[0].get("call"), f"({when})" if when else None))) or None
+
+    s["sources"] = {p: source(runs) for p, runs in R.items()}
+    if mlx.get("sources"):
+        s["sources"]["mlx_cuda"] = mlx["sources"]
+    calls = {R[p][0].get("call", "this call") for p in ("klein_step", "comfy_native") if p in R}  # merged: folders
+    if "comfy_native" in R and len(calls) > 1:
         v = R["comfy_native"][0].get("variants", {})
         s["notes"].append("comfyui_native comes from another call than ours (see sources); same-process anchor there: "
                           f"ours eager klein {v.get('ours_klein_eager_ms (same process)')} ms, Z-Image "
