@@ -255,11 +255,8 @@ def without_kernels(fn):
     """fn() with the eager path's Triton kernel off (flux_core/torch/kernels.py): the torch ops it replaces."""
     from flux_core.torch import kernels
 
-    kernels.ENABLED = False
-    try:
+    with kernels.disabled():
         return fn()
-    finally:
-        kernels.ENABLED = True
 
 
 def torch_ops_eager(name, f_ours, plain, ref_eager):

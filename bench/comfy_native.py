@@ -541,11 +541,8 @@ def _torch_ops(fn):
     """fn() with our eager path's Triton kernel off (flux_core/torch/kernels.py)."""
     from flux_core.torch import kernels
 
-    kernels.ENABLED = False
-    try:
+    with kernels.disabled():
         return fn()
-    finally:
-        kernels.ENABLED = True
 
 
 def _zimage_part(cfg, size, DEV, DT, compile_ok, timeit, check, put, variant):

@@ -16,6 +16,10 @@ def test_cpu_tensors_take_the_torch_ops():
     x, w = torch.randn(1, 3, 2, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.bfloat16)
     assert not kernels.usable(x, w)
     assert not kernels.usable(x.float(), w.float())
+    was = kernels.ENABLED
+    with kernels.disabled():
+        assert not kernels.ENABLED
+    assert kernels.ENABLED == was
 
 
 def _qkv_view(B, L, H, D, dtype, g):
@@ -128,9 +132,9 @@ def test_whole_model_with_and_without_the_kernel(build, monkeypatch):
     with torch.inference_mode():
         fast = step()
         assert calls, "the eager CUDA forward did not use the kernel"
-        monkeypatch.setattr(kernels, "ENABLED", False)
         n = len(calls)
-        plain = step()
+        with kernels.disabled():
+            plain = step()
         assert len(calls) == n
     assert torch.isfinite(fast).all()
     assert _rel(fast, plain) < 2e-2

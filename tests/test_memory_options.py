@@ -51,7 +51,7 @@ def test_decode_tile_option(demo):
 
 
 @pytest.mark.slow
-def test_generation_with_everything_offloaded_is_identical(demo):
+def test_generation_with_everything_offloaded_matches_resident(demo):
     def run():
         tr = models.load_transformer(demo["klein"], "torch", "cpu", "float32")
         te = models.load_text_encoder(demo["text_encoder"], str(demo["tokenizer"]), "torch", "cpu", "float32")
@@ -68,7 +68,10 @@ def test_generation_with_everything_offloaded_is_identical(demo):
 
     clear_embedding_cache()  # make the encoder run again, through its offloader
     got = run()[3]
-    assert np.array_equal(got.images, want.images)
+    # the same weights and kernels; equal to float32 round-off, not bit for bit: MKL's M=1 products (the time
+    # embedding) round with the weights' addresses, and the offload buffers sit elsewhere than the loaded file's
+    # tensors (docs/NOTES.md, Tests). A component that ran without its weights would be far off.
+    assert np.abs(np.asarray(got.images) - np.asarray(want.images)).max() < 1e-5
     assert offs[2].state == "resident" and offs[0].state == offs[1].state == "host"  # one component at a time
     models.release()
 

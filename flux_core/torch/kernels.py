@@ -15,11 +15,12 @@ rms_norm, the two rotation kernels and the cast took ~15 ms of 77 ms.
 
 Used only where it can run: a CUDA tensor in bf16 / fp16, Triton importable, nothing asking for gradients, not
 inside torch.compile (inductor fuses its own) -- everything else takes the torch ops. FLUXCORE_TRITON=0 turns it off
-(`ENABLED`; a benchmark flips it to time both in one process).
+(`ENABLED`; `with disabled():` times both in one process).
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -32,6 +33,17 @@ except Exception:  # noqa: BLE001 -- any import failure means: use the torch ops
 ENABLED = os.environ.get("FLUXCORE_TRITON", "1") != "0"
 ROWS_PER_PROGRAM = 16   # rows of head_dim values per program; bench_variants `eager` times other choices
 NUM_WARPS = 4
+
+
+@contextmanager
+def disabled():
+    """Inside this block the torch ops run instead of the kernels (a benchmark's comparison; not thread-safe)."""
+    global ENABLED
+    was, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = was
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
