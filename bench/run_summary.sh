@@ -15,6 +15,9 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
   --format=csv,nounits -lms 500 > "$OUT/clocks.csv" 2>/dev/null &
 SMI=$!
 trap 'kill $SMI 2>/dev/null' EXIT
+# the GPU tests of the eager path's Triton kernel, before anything is timed with it
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py > "$OUT/gpu_tests.txt" 2>&1
+tail -1 "$OUT/gpu_tests.txt"
 set -o pipefail
 { echo "[   0.0s] start $(date -u +%Y/%m/%d\ %H:%M:%S.%N)"; python3 bench/bench_summary.py --out "$OUT" "$@" 2>&1; } |
   grep --line-buffered -v -E "UserWarning|warnings.warn" | tee "$OUT/log.txt"

@@ -1,6 +1,6 @@
 """The Triton q / k RMSNorm + RoPE kernel of the eager CUDA path (flux_core/torch/kernels.py) against the torch ops it
-replaces and against float64. The GPU tests skip without CUDA + Triton (CI has neither); the device calls of
-bench/run_summary.sh run them first on the H200 (docs/PERF.md). On the CPU the torch ops must be what runs."""
+replaces and against float64. The GPU tests skip without CUDA + Triton (CI has neither); bench/run_summary.sh runs
+this file first in every device call ($OUT/gpu_tests.txt; docs/PERF.md §P13). On the CPU the torch ops must run."""
 from __future__ import annotations
 
 import pytest
@@ -20,6 +20,21 @@ def test_cpu_tensors_take_the_torch_ops():
     with kernels.disabled():
         assert not kernels.ENABLED
     assert kernels.ENABLED == was
+
+
+def test_a_kernel_that_cannot_run_turns_itself_off(monkeypatch, caplog):
+    """A Triton that cannot build or launch for this GPU must cost one warning, not a failed generation: norm_rope
+    returns None (the caller then runs the torch ops) and the kernels stay off for the process."""
+    def broken(*a, **k):
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_61")
+
+    monkeypatch.setattr(kernels, "_launch", broken)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    x, w = torch.randn(1, 5, 2, 8), torch.ones(8)
+    cs = torch.ones(1, 5, 4)
+    with caplog.at_level("WARNING", logger="flux_core.torch.kernels"):
+        assert kernels.norm_rope(x, w, cs, cs, 1e-6, round_before_weight=False) is None
+    assert not kernels.ENABLED and "torch's ops instead" in caplog.text
 
 
 def _qkv_view(B, L, H, D, dtype, g):

@@ -10,15 +10,17 @@ Per row of d values: r = rsqrt(mean(x²) + eps) in float32, then the normed valu
 klein `F.rms_norm(x, w)`: dtype(x·r·w); Z-Image (diffusers' RMSNorm): dtype(dtype(x·r)·w) -- then the rotation of
 each interleaved pair (n0, n1) -> (n0·cos - n1·sin, n0·sin + n1·cos) in float32, rounded once to the dtype. The
 same arithmetic as the torch ops, up to the order of the 128-term sum and fused multiply-adds (float32 round-off;
-a bf16 rounding flips rarely). H200 profile of the eager klein step before this kernel (bench_variants `eager`):
-rms_norm, the two rotation kernels and the cast took ~15 ms of 77 ms.
+a bf16 rounding flips rarely). H200 profile of the eager klein step (bench_variants `eager`, docs/PERF.md §P13):
+rms_norm, the two rotation kernels and the cast took ~15 ms of 77 ms; this kernel takes 0.95 ms (15.8 µs a call).
 
-Used only where it can run: a CUDA tensor in bf16 / fp16, Triton importable, nothing asking for gradients, not
-inside torch.compile (inductor fuses its own) -- everything else takes the torch ops. FLUXCORE_TRITON=0 turns it off
-(`ENABLED`; `with disabled():` times both in one process).
+Used only where it can run: a CUDA tensor in bf16 / fp16 on an Ampere or newer GPU, Triton importable, nothing asking
+for gradients, not inside torch.compile (inductor fuses its own) -- everything else takes the torch ops, and so does
+every later call once a launch has failed (a Triton that cannot build here: one warning, no failed generation).
+FLUXCORE_TRITON=0 turns it off (`ENABLED`; `with disabled():` times both in one process).
 """
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 
@@ -30,7 +32,10 @@ try:  # Triton ships with CUDA builds of torch on Linux; CPU, MPS and most Windo
 except Exception:  # noqa: BLE001 -- any import failure means: use the torch ops
     triton = None
 
+log = logging.getLogger(__name__)
+
 ENABLED = os.environ.get("FLUXCORE_TRITON", "1") != "0"
+MIN_CAPABILITY = (8, 0)   # Ampere and newer (native bf16); older GPUs keep the torch ops
 ROWS_PER_PROGRAM = 16   # rows of head_dim values per program; bench_variants `eager` times other choices
 NUM_WARPS = 4
 
@@ -53,13 +58,25 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == x.dtype and weight.shape == (d,)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))   # no autograd here
             and not torch.compiler.is_compiling()
-            and d >= 2 and (d & (d - 1)) == 0)   # head_dim a power of two (tl.arange); klein, Z-Image: 128
+            and d >= 2 and (d & (d - 1)) == 0   # head_dim a power of two (tl.arange); klein, Z-Image: 128
+            and _capable(x.device))
+
+
+_CAPABLE: dict = {}
+
+
+def _capable(device) -> bool:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _CAPABLE:
+        _CAPABLE[i] = torch.cuda.get_device_capability(i) >= MIN_CAPABILITY
+    return _CAPABLE[i]
 
 
 def norm_rope(x, weight, cos, sin, eps: float, round_before_weight: bool):
     """RMSNorm over the last dim, then RoPE on interleaved pairs, in one kernel. x [B, L, H, d]; weight [d];
     cos, sin [B' or B, L, d/2] (B' = 1 broadcasts). `round_before_weight`: Z-Image's norm (round, then weight);
-    otherwise klein's (one rounding after the weight)."""
+    otherwise klein's (one rounding after the weight). Returns None if Triton cannot build or launch the kernel
+    here (then the kernels are off for the process, with one warning, and the caller uses the torch ops)."""
     B, L, H, D = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -70,12 +87,23 @@ def norm_rope(x, weight, cos, sin, eps: float, round_before_weight: bool):
     out = torch.empty((B, L, H, D), dtype=x.dtype, device=x.device)
     rows = B * L * H
     if rows:
-        grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
-        _norm_rope_kernel[grid](x, weight, cos, sin, out, rows, H, L,
-                                x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-                                float(eps), D=D, ROUND_BEFORE_WEIGHT=round_before_weight,
-                                BLOCK_R=ROWS_PER_PROGRAM, num_warps=NUM_WARPS)
+        try:
+            _launch((rows + ROWS_PER_PROGRAM - 1) // ROWS_PER_PROGRAM, x, weight, cos, sin, out, rows, H, L,
+                    float(eps), D, round_before_weight)
+        except Exception as err:  # noqa: BLE001 -- a Triton that cannot build for this GPU: torch ops from now on
+            global ENABLED
+            ENABLED = False
+            log.warning("fluxcore: the Triton norm + RoPE kernel failed here (%s: %s); using torch's ops instead",
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            return None
     return out
+
+
+def _launch(programs, x, weight, cos, sin, out, rows, H, L, eps, D, round_before_weight):
+    _norm_rope_kernel[(programs,)](x, weight, cos, sin, out, rows, H, L,
+                                   x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
+                                   eps, D=D, ROUND_BEFORE_WEIGHT=round_before_weight,
+                                   BLOCK_R=ROWS_PER_PROGRAM, num_warps=NUM_WARPS)
 
 
 if triton is not None:

@@ -266,9 +266,10 @@ def norm_rope(x, norm: RMSNorm, pe):
     as eager rounds it, then x*C + swap(x)*S) that inductor can fuse: the rms_norm + stack form compiled to three
     kernels (q norm, k norm, rotation; H200, torch 2.11), and the rewrite took the 1024² step from 59.6 to 58.8 ms."""
     if not torch.compiler.is_compiling():
-        if kernels.usable(x, norm.scale):   # CUDA eager: one Triton kernel (kernels.py)
-            return kernels.norm_rope(x, norm.scale, pe[..., 0, 0], pe[..., 0, 1], norm.eps,
-                                     round_before_weight=False)
+        if kernels.usable(x, norm.scale):   # CUDA eager: one Triton kernel (kernels.py); None if it cannot run
+            out = kernels.norm_rope(x, norm.scale, pe[..., 0, 0], pe[..., 0, 1], norm.eps, round_before_weight=False)
+            if out is not None:
+                return out
         return apply_rope(norm(x), pe)
     xf = x.float()
     xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.scale.float()).to(x.dtype)

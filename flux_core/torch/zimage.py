@@ -285,9 +285,11 @@ def norm_rope(x, norm: RMSNorm, rope):
     rotation) is one row-wise expression that inductor can fuse (it leaves a complex multiply as a separate kernel:
     2.7 ms per 1024² step on an H200); the rewrite took the step from 109.8 to 105.7 ms."""
     if not torch.compiler.is_compiling():
-        if kernels.usable(x, norm.weight):   # CUDA eager: one Triton kernel (kernels.py)
-            return kernels.norm_rope(x, norm.weight, rope[0][:, :, 0], rope[1][:, :, 0], norm.eps,
-                                     round_before_weight=True)
+        if kernels.usable(x, norm.weight):   # CUDA eager: one Triton kernel (kernels.py); None if it cannot run
+            out = kernels.norm_rope(x, norm.weight, rope[0][:, :, 0], rope[1][:, :, 0], norm.eps,
+                                    round_before_weight=True)
+            if out is not None:
+                return out
         return apply_rope(norm(x), rope)
     xf = x.float()
     xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(norm.weight.dtype) * norm.weight
