@@ -100,10 +100,11 @@ def norm_rope(x, weight, cos, sin, eps: float, round_before_weight: bool):
 
 
 def _launch(programs, x, weight, cos, sin, out, rows, H, L, eps, D, round_before_weight):
-    _norm_rope_kernel[(programs,)](x, weight, cos, sin, out, rows, H, L,
-                                   x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-                                   eps, D=D, ROUND_BEFORE_WEIGHT=round_before_weight,
-                                   BLOCK_R=ROWS_PER_PROGRAM, num_warps=NUM_WARPS)
+    with torch.cuda.device(x.device):   # Triton launches on the current device: make it x's (cuda:1 etc.)
+        _norm_rope_kernel[(programs,)](x, weight, cos, sin, out, rows, H, L,
+                                       x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
+                                       eps, D=D, ROUND_BEFORE_WEIGHT=round_before_weight,
+                                       BLOCK_R=ROWS_PER_PROGRAM, num_warps=NUM_WARPS)
 
 
 if triton is not None:
