@@ -258,3 +258,22 @@ def test_rope_requests_outside_the_model_are_clear_errors():
     cfg.check_positions([1535, 511, 511])
     with pytest.raises(ConfigError, match="too large"):
         cfg.check_positions([10, 512, 4])
+
+
+def test_rmsnorm_rounds_like_diffusers_in_every_dtype_pairing():
+    """Z-Image's RMSNorm (diffusers' RMSNorm): the normalised value is rounded to the weight's dtype only when the
+    weight is half precision; a float32 weight beside bf16 activations keeps it unrounded."""
+    from diffusers.models.normalization import RMSNorm as Ref
+
+    from flux_core.torch.zimage import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x32 = torch.randn(3, 7, 64, generator=g) * 2
+    w = 1 + 0.1 * torch.randn(64, generator=g)
+    for xdt, wdt in [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                     (torch.float32, torch.float32)]:
+        ours, ref = RMSNorm(64, 1e-5), Ref(64, eps=1e-5)
+        ours.weight.data, ref.weight.data = w.to(wdt), w.to(wdt)
+        x = x32.to(xdt)
+        got, want = ours(x), ref(x)
+        assert got.dtype == want.dtype and torch.equal(got, want), (xdt, wdt)

@@ -290,7 +290,8 @@ def apply_rope(x, pe):
     Two kernels and a cast (the ComfyUI form): out = x0 * (cos, sin), then out += x1 * (-sin, cos) in place, the
     bf16 x read and widened inside each kernel. The products and sums are diffusers' (x0 cos + (-x1) sin,
     x1 cos + x0 sin), so float32 results are equal; on CUDA the in-place multiply-add may round once (FMA), a
-    float32 ulp. The earlier form (upcast, unbind, four products, two sums, stack: ~9 kernels over a float32 copy
+    float32 ulp (its rare flipped bf16 roundings add up to ~2e-2 between ours and diffusers over a full-size
+    random-weight klein, docs/NOTES.md). The earlier form (upcast, unbind, four products, two sums, stack: ~9 kernels over a float32 copy
     of q or k) moved ~2.5x the memory per tensor."""
     xp = x.unflatten(-1, (-1, 2))
     t = pe[:, :, None]
