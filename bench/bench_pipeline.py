@@ -46,20 +46,9 @@ def sync():
 
 
 def random_like(model, seed):
-    g = torch.Generator(DEV).manual_seed(seed)
-    out = {}
-    for k, p in model.state_dict().items():
-        if k.endswith("running_var"):
-            t = 0.5 + torch.rand(p.shape, generator=g, device=DEV)
-        elif k.endswith("num_batches_tracked"):
-            out[k] = p.to(DEV) if p.device.type != "meta" else torch.zeros((), dtype=torch.long, device=DEV)
-            continue
-        elif p.dim() == 1 and ("norm" in k or k.endswith("scale")):
-            t = 1 + 0.02 * torch.randn(p.shape, generator=g, device=DEV)
-        else:
-            t = 0.02 * torch.randn(p.shape, generator=g, device=DEV)
-        out[k] = t.float() if k.startswith("bn.") else t.to(DT)
-    return out
+    from summary_models import random_like as draw
+
+    return draw(model, seed, DEV, DT)
 
 
 def build():

@@ -14,20 +14,23 @@ def configure(device, dtype, tiny: bool) -> None:
     DEV, DT, TINY = device, dtype, tiny
 
 
-def random_like(model, seed=0):
-    g = torch.Generator(DEV).manual_seed(seed)
+def random_like(model, seed=0, device=None, dtype=None):
+    """Random weights for `model`'s state dict (bench/bench_pipeline.py uses it too): N(0, 0.02) matrices, N(1, 0.02)
+    norm scales, BatchNorm variances in [0.5, 1.5) kept float32; on `device` / `dtype` (default: configure()'s)."""
+    dev, dt = device or DEV, dtype or DT
+    g = torch.Generator(dev).manual_seed(seed)
     sd = {}
     for k, p in model.state_dict().items():
         if k.endswith("running_var"):
-            t = 0.5 + torch.rand(p.shape, generator=g, device=DEV)
+            t = 0.5 + torch.rand(p.shape, generator=g, device=dev)
         elif k.endswith("num_batches_tracked"):
-            sd[k] = torch.zeros((), dtype=torch.long, device=DEV)
+            sd[k] = torch.zeros((), dtype=torch.long, device=dev)
             continue
         elif p.dim() == 1 and ("norm" in k or k.endswith("scale")):
-            t = 1 + 0.02 * torch.randn(p.shape, generator=g, device=DEV)
+            t = 1 + 0.02 * torch.randn(p.shape, generator=g, device=dev)
         else:
-            t = 0.02 * torch.randn(p.shape, generator=g, device=DEV)
-        sd[k] = t.float() if k.startswith("bn.") else t.to(DT)
+            t = 0.02 * torch.randn(p.shape, generator=g, device=dev)
+        sd[k] = t.float() if k.startswith("bn.") else t.to(dt)
     return sd
 
 
